@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make train` and `make test`.
+# Each creates the virtual environment in .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= ../shared/data/tfds
+MODEL ?= cifar_resnet20
+WORKDIR ?= runs/$(MODEL)
+
+.PHONY: setup train test summary clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) -m experiments.train --config=configs/cifar10.py:$(MODEL) --workdir=$(WORKDIR) \
+	  --config.dataset=cifar10_jpeg --config.data_dir=$(DATA_DIR)
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+summary: setup
+	$(PY) -m cnn.summary $(MODEL)
+
+clean:
+	rm -rf $(VENV) runs
