@@ -44,6 +44,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
             policies),
+        # best_fn only makes orbax write the metrics (it writes none
+        # without one); which checkpoints stay is the policy's decision.
+        best_fn=lambda m: m['metric'], best_mode=best_mode,
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
     self.best_mode = best_mode

@@ -143,7 +143,8 @@ class Experiment:
     return sharding.shard_batch(batch, self.mesh)
 
 
-def _check_finite(window: list, first_step: int, checkpointer) -> None:
+def _check_finite(window: list, first_step: int, checkpointer,
+                  what: str = 'loss is') -> None:
   losses = np.asarray(jax.device_get([m['loss'] for m in window]))
   bad = np.flatnonzero(~np.isfinite(losses))
   if bad.size:
@@ -153,8 +154,21 @@ def _check_finite(window: list, first_step: int, checkpointer) -> None:
             f'{checkpointer.directory}' if last is not None
             else 'no checkpoint had been written yet')
     raise NonFiniteLossError(
-        f'loss is {losses[bad[0]]} at step {step}; {kept}; lower '
+        f'{what} {losses[bad[0]]} at step {step}; {kept}; lower '
         '--config.learning_rate or add warm-up (--config.warmup_steps)')
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite_params(state, step: int, checkpointer) -> None:
+  """Never checkpoint a diverged state (finite loss, overflowed weights)."""
+  if not bool(_all_finite(state.params)):
+    _check_finite([{'loss': jnp.float32(np.nan)}], step - 1, checkpointer,
+                  what='parameters are')
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -246,6 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f' ({time.perf_counter() - t_eval:.1f}s)', flush=True)
         progress.reset_clock(s)
       if is_ckpt:
+        _check_finite_params(state, s, exp.checkpointer)
         metric = last_eval[monitor]['error'] if is_eval and last_eval else None
         exp.checkpointer.save(s, state, exp.meta(state), metric=metric)
       writer.flush()

@@ -3,12 +3,10 @@ r"""Restores a run's checkpoint and prints its loss and error.
   python -m experiments.evaluate --workdir=runs/r20 [--split=test] \
     [--checkpoint=latest|best|STEP]
 """
-import sys
-
 from absl import app
 from absl import flags
 
-from cnn.errors import UserError
+from experiments import common
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'Held-out split: test or val.')
@@ -21,12 +19,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from cnn import train  # pylint: disable=g-import-not-at-top
-  try:
-    r = train.evaluate_checkpoint(_WORKDIR.value, _SPLIT.value,
-                                  _CHECKPOINT.value)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  r = common.run(train.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
+                 _CHECKPOINT.value)
   print(f"step {r['step']} {_SPLIT.value}: loss {r['loss']:.4f} "
         f"error {r['error']:.4f} ({r['examples']:.0f} examples)")
 

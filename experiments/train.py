@@ -5,13 +5,11 @@ r"""Trains a model from a config.
 
 Restarting the same command on the same workdir resumes the run.
 """
-import sys
-
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from cnn.errors import UserError
+from experiments import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/cifar10.py:MODEL.',
@@ -25,12 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from cnn import train  # pylint: disable=g-import-not-at-top
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-
+  common.run(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 if __name__ == '__main__':
   app.run(main)
