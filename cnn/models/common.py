@@ -1,0 +1,73 @@
+"""Building blocks shared by the model zoo.
+
+Pooling and LRN are wrapped as tiny parameter-free modules rather than called
+as functions so that they get names in the module tree: `cnn.summary` then
+sees them as layers of their own (one row each, with their output shape and
+cost), the way the lecture walks through a network by hand.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cnn.layers import local_response_norm
+
+# He et al. 2015 (Delving deep into rectifiers): keeps the activation variance
+# constant through ReLU layers, which is what lets plain 20-56 layer nets train
+# at all in the plain-vs-ResNet study.
+he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+Dtype = Any
+Padding = str | Sequence[tuple[int, int]]
+
+
+class MaxPool(nn.Module):
+  """Max pooling over a square window.
+
+  Attributes:
+    window: side of the pooling window.
+    stride: step between windows.
+    padding: 'VALID', 'SAME' or explicit ((top, bottom), (left, right)) pads;
+      padded positions never win (they are -inf).
+  """
+  window: int = 2
+  stride: int = 2
+  padding: Padding = 'VALID'
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.max_pool(x, (self.window, self.window),
+                       strides=(self.stride, self.stride),
+                       padding=self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+  """Mean over the spatial axes: (B, H, W, C) -> (B, C)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.mean(x, axis=(1, 2))
+
+
+class LRN(nn.Module):
+  """Across-channel local response normalization (AlexNet, VGG-A-LRN).
+
+  Attributes:
+    size: number of adjacent channels summed over (the paper's n).
+    k, alpha, beta: the paper's constants.
+  """
+  size: int = 5
+  k: float = 2.0
+  alpha: float = 1e-4
+  beta: float = 0.75
+
+  @nn.compact
+  def __call__(self, x):
+    return local_response_norm(x, self.size, self.k, self.alpha, self.beta)
+
+
+def flatten(x):
+  """(B, ...) -> (B, prod(...)) for the first fully connected layer."""
+  return x.reshape((x.shape[0], -1))
