@@ -139,9 +139,18 @@ def get_datasets(config) -> Datasets:
   in_memory = config.get('in_memory', 'auto')
   if in_memory == 'auto':
     in_memory = None not in shape
+  classes = tuple(int(c) for c in (config.get('classes', ()) or ()))
+  per_class = int(config.get('train_examples_per_class', 0) or 0)
   if not in_memory:
+    if classes or per_class:
+      raise DataError('classes / train_examples_per_class need an in-memory '
+                      f"dataset; '{config.dataset}' streams: leave them unset")
     return _streaming_datasets(config, num_classes)
   train = load_arrays(config.dataset, config.train_split, config.data_dir)
+  all_classes = num_classes
+  if classes:
+    train = select_classes(train, classes, all_classes)
+    num_classes = len(classes)
   evals = {}
   n_val = int(config.val_examples)
   if n_val:
@@ -151,12 +160,49 @@ def get_datasets(config) -> Datasets:
     # The paper's 45k/5k split: the last n_val training images are held out.
     evals['val'] = ArrayData(train.images[-n_val:], train.labels[-n_val:])
     train = ArrayData(train.images[:-n_val], train.labels[:-n_val])
+  if per_class:
+    train = first_per_class(train, per_class)
   if config.test_split:
     evals['test'] = load_arrays(config.dataset, config.test_split,
                                 config.data_dir)
+    if classes:
+      evals['test'] = select_classes(evals['test'], classes, all_classes)
   mean = pixel_mean(train.images, config.mean_subtraction)
   return Datasets(train=train, evals=evals, num_classes=num_classes,
                   image_shape=train.images.shape[1:], mean=mean)
+
+
+def select_classes(data: ArrayData, classes: tuple,
+                   num_classes: int) -> ArrayData:
+  """The examples of `classes` (original labels), relabelled 0..k-1.
+
+  Label `classes[i]` becomes `i`; the order of the examples is kept.
+
+  Raises:
+    DataError: a class is out of range or repeated.
+  """
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise DataError(f'classes={tuple(classes)} must be distinct labels in '
+                    f'0..{num_classes - 1}')
+  lookup = np.full(max(num_classes, max(classes) + 1), -1, np.int32)
+  lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+  keep = np.flatnonzero(lookup[data.labels] >= 0)
+  if not keep.size:
+    raise DataError(f'no example of classes={tuple(classes)} in the split')
+  return ArrayData(data.images[keep], lookup[data.labels[keep]])
+
+
+def first_per_class(data: ArrayData, n: int) -> ArrayData:
+  """The first `n` examples of each class, in their original order.
+
+  Deterministic (no sampling): the same subset on every run and resume.
+  Classes with fewer examples keep all of theirs.
+  """
+  keep = np.zeros(len(data), bool)
+  for c in np.unique(data.labels):
+    keep[np.flatnonzero(data.labels == c)[:n]] = True
+  return ArrayData(data.images[keep], data.labels[keep])
 
 
 def pixel_mean(images: np.ndarray, mode: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from cnn import models
 from cnn import optim
 from cnn import sharding
 from cnn import steps as steps_lib
+from cnn import transfer
 from cnn.errors import ConfigError, NonFiniteLossError
 
 REQUIRED_FIELDS = ('model', 'dataset', 'data_dir', 'batch_size',
@@ -97,18 +98,57 @@ class Experiment:
     self.tx = optim.make_optimizer(config)
     self.schedule = optim.make_schedule(config)
     augment = config.augment if self.data.train is not None else 'none'
+    step_model, self.frozen = self.model, None
+    if config.get('freeze', ''):
+      step_model, self.frozen = self._freeze(config.freeze)
     self.steps = steps_lib.make_steps(
-        self.model, self.tx, self.schedule, self.data.mean, augment=augment,
-        pad=config.get('pad', 4), dtype=DTYPES[config.get('dtype', 'float32')])
+        step_model, self.tx, self.schedule, self.data.mean, augment=augment,
+        pad=config.get('pad', 4), dtype=DTYPES[config.get('dtype', 'float32')],
+        frozen=self.frozen)
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
         keep=config.get('keep_checkpoints', 2), read_only=read_only)
+
+  def _freeze(self, spec: str):
+    """Masks, optimizer partition and BN wrapper for `config.freeze`."""
+    dummy = jnp.zeros((1,) + tuple(self.data.image_shape), jnp.float32)
+    shapes = jax.eval_shape(lambda: self.model.init(
+        jax.random.PRNGKey(0), dummy, train=False))
+    masks = transfer.freeze_masks(spec, shapes['params'],
+                                  shapes.get('batch_stats', {}))
+    self.tx = transfer.freeze_optimizer(self.tx, masks[0])
+    return (transfer.FrozenBatchNorm(self.model,
+                                     transfer.frozen_modules(masks[1])),
+            masks)
+
+  def load_init_from(self, state):
+    """`state` with params and batch_stats from `config.init_from`."""
+    params, batch_stats, message = transfer.load_pretrained(
+        self.config.init_from, self.config.model,
+        jax.device_get(state.params), jax.device_get(state.batch_stats),
+        new_head=self.config.get('new_head', False))
+    print(message, flush=True)
+    state = state.replace(params=params, batch_stats=batch_stats,
+                          opt_state=self.tx.init(params))
+    return sharding.replicate(state, self.mesh)
 
   def init_state(self):
     state = steps_lib.create_train_state(
         self.model, self.tx, jax.random.PRNGKey(self.config.seed),
         self.data.image_shape)
     return sharding.replicate(state, self.mesh)
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state, nothing computed."""
+    abstract = jax.eval_shape(
+        lambda rng: steps_lib.create_train_state(
+            self.model, self.tx, rng, self.data.image_shape),
+        jax.random.PRNGKey(self.config.seed))
+    replicated = jax.sharding.NamedSharding(self.mesh,
+                                            jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        abstract)
 
   def meta(self, state) -> dict:
     return checkpointing.describe(self.config, state.params)
@@ -186,12 +226,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   from cnn import metric_writers  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   exp = Experiment(config, workdir)
-  state = exp.init_state()
   start = 0
   if exp.checkpointer.latest_step() is not None:
-    state = exp.restore(state, 'latest')
+    # Restored straight into the abstract state: no init to compile.
+    state = exp.restore(exp.abstract_state(), 'latest')
     start = int(state.step)
     print(f'resuming from step {start} in {workdir}', flush=True)
+  else:
+    state = exp.init_state()
+    if config.get('init_from', ''):
+      # Only a fresh run starts from another run's weights; a resumed one
+      # continues from its own checkpoint above.
+      state = exp.load_init_from(state)
   # Only after the checkpoint proved compatible: never overwrite the record
   # of another run's config.
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -285,7 +331,7 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
     raise ConfigError(f"split '{split}' is not held out in this run; choose "
                       f'one of {sorted(exp.data.evals)}')
   step = exp.checkpointer.resolve(checkpoint)
-  state = exp.restore(exp.init_state(), step)
+  state = exp.restore(exp.abstract_state(), step)
   result = exp.evaluate(state, split)
   result['step'] = step
   return result

@@ -25,6 +25,11 @@ def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
   c.num_classes = 0  # 0: the dataset's.
   c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
 
+  # Transfer learning (cnn/transfer.py); applied only when a run starts fresh.
+  c.init_from = ''  # 'runs/pre', 'runs/pre:best', 'runs/pre:2000'.
+  c.freeze = ''  # 'trunk', 'stem,stage1', 'head', 're:^stage1/'.
+  c.new_head = False  # Re-initialise `head` even when its shape fits.
+
   c.dataset = 'cifar10'
   c.data_dir = config_dict.placeholder(str)
   c.train_split = 'train'
@@ -34,6 +39,10 @@ def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
   c.augment = 'crop_flip'  # 'flip' or 'none'
   c.pad = 4
   c.mean_subtraction = 'per_pixel'  # 'per_channel' or 'none'
+  # Class subsets (transfer learning): original labels kept, relabelled
+  # 0..k-1 in this order, e.g. (5, 6, 7, 8, 9); () keeps all classes.
+  c.classes = ()
+  c.train_examples_per_class = 0  # N > 0: the first N of each class only.
 
   c.batch_size = 128
   c.eval_batch_size = 500

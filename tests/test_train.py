@@ -107,8 +107,8 @@ def test_foreign_and_corrupt_checkpoints_are_clear_errors(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   wd = tmp_path / 'run'
-  run(small_config(steps=2), wd)
-  c = small_config(steps=6, learning_rate=1e30, lr_schedule='step',
+  run(small_config('lenet5', steps=2), wd)
+  c = small_config('lenet5', steps=6, learning_rate=1e30, lr_schedule='step',
                    lr_milestones=(3,), lr_factor=1e30)
   with pytest.raises(NonFiniteLossError, match='at step') as e:
     run(c, wd)
@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_evaluate_checkpoint_restores_latest_and_best(tmp_path):
   wd = tmp_path / 'run'
-  final = run(small_config(steps=4, val_examples=8), wd)
+  final = run(small_config('lenet5', steps=4, val_examples=8), wd)
   with tfds.testing.mock_data(num_examples=24):
     r = train.evaluate_checkpoint(str(wd), 'test', 'latest')
     assert r['step'] == 4
@@ -145,3 +145,37 @@ def test_integration_real_cifar10_jpeg(tmp_path):
   assert 0.0 <= final['test']['error'] <= 1.0
   assert np.isfinite(final['test']['loss'])
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['6']
+
+
+@requires_cifar10_jpeg
+def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
+  """The CLI killed with SIGKILL mid-run, restarted, matches a clean run."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  args = ['--config=configs/cifar10.py:lenet5', '--config.dataset=cifar10_jpeg',
+          f'--config.data_dir={SHARED_TFDS}', '--config.train_split=train[:2048]',
+          '--config.test_split=test[:500]', '--config.batch_size=32',
+          '--config.num_train_steps=120', '--config.eval_every_steps=20',
+          '--config.checkpoint_every_steps=20', '--config.log_every_steps=10',
+          '--config.tensorboard=False']
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, '-m', 'experiments.train'] + args
+  clean, killed = tmp_path / 'clean', tmp_path / 'killed'
+  subprocess.run(cmd + [f'--workdir={clean}'], cwd=root, check=True,
+                 capture_output=True)
+  proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=root,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = killed / 'checkpoints'
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=root, check=True,
+                       capture_output=True, text=True)
+  assert 'resuming from step' in out.stdout
+  assert records(killed) == records(clean)

@@ -1,0 +1,142 @@
+r"""Transfer-learning study: new head vs fine-tuning vs scratch on CIFAR-10.
+
+  python -m experiments.transfer_study --workdir=runs/transfer [--quick] \
+    [--dataset=cifar10_jpeg --data_dir=../shared/data/tfds]
+
+Pretrains a CIFAR ResNet on classes 0-4 (airplane, automobile, bird, cat,
+deer), then learns classes 5-9 (dog, frog, horse, ship, truck) from 100 and
+from 1000 training images per class in three ways: (a) a new head on the
+frozen pretrained trunk (`freeze=trunk`), (b) fine-tuning every layer from the
+pretrained weights, (c) training from scratch. Every cell trains for the same
+number of steps and is scored on the 5000 test images of classes 5-9. Each
+run is an ordinary training run folder under --workdir (pretrain/,
+head_100/, ...); rerunning the command skips finished cells and resumes an
+interrupted one. The Markdown table goes to stdout and WORKDIR/results.md.
+
+Sized for a 2-core CPU (about 25 minutes); --quick runs a few steps of each
+cell to check the plumbing.
+"""
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Study folder.')
+_QUICK = flags.DEFINE_bool('quick', False, 'A few steps per cell only.')
+_DATASET = flags.DEFINE_string('dataset', 'cifar10_jpeg', 'TFDS name.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '../shared/data/tfds',
+                                'TFDS data_dir.')
+_MODEL = flags.DEFINE_string('model', 'cifar_resnet8', 'A CIFAR net.')
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 1500, 'Pretraining '
+                                       'steps on classes 0-4.')
+_STEPS = flags.DEFINE_integer('steps', 300, 'Training steps of every cell.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size of every run.')
+flags.mark_flags_as_required(['workdir'])
+
+OLD, NEW = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+SIZES = (100, 1000)
+# mode: (column title, config overrides; init_from is filled in).
+MODES = {
+    'head': ('(a) new head, trunk frozen',
+             dict(freeze='trunk', new_head=True, learning_rate=0.1)),
+    'finetune': ('(b) fine-tune all layers',
+                 dict(new_head=True, learning_rate=0.02)),
+    'scratch': ('(c) from scratch', dict(learning_rate=0.1)),
+}
+
+
+def base_config(steps: int, quick: bool):
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  c = cifar10.get_config(_MODEL.value)
+  c.dataset = _DATASET.value
+  c.data_dir = _DATA_DIR.value
+  c.batch_size = _BATCH.value
+  c.num_train_steps = steps
+  c.lr_schedule = 'cosine'
+  c.eval_every_steps = steps  # One evaluation, at the end.
+  c.checkpoint_every_steps = steps
+  c.log_every_steps = max(steps // 5, 1)
+  c.keep_checkpoints = 1
+  c.tensorboard = False
+  if quick:
+    c.test_split = 'test[:1000]'
+  return c
+
+
+def run_cell(workdir: str, config) -> dict:
+  """Trains one run (or reuses its result) -> accuracy and wall time."""
+  from cnn import metric_writers  # pylint: disable=g-import-not-at-top
+  from cnn import train  # pylint: disable=g-import-not-at-top
+  done = os.path.join(workdir, 'result.json')
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  print(f'--- {workdir}', flush=True)
+  t0 = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - t0
+  test = [r for r in metric_writers.read_metrics(workdir)
+          if r['split'] == 'test' and r['step'] == config.num_train_steps]
+  result = {'accuracy': 1.0 - test[-1]['error'], 'wall_s': wall,
+            'steps': int(config.num_train_steps)}
+  with open(done, 'w') as f:
+    json.dump(result, f)
+  return result
+
+
+def study(root: str, quick: bool) -> str:
+  """Runs all cells and returns the Markdown table."""
+  pre_steps = 20 if quick else _PRETRAIN_STEPS.value
+  steps = 10 if quick else _STEPS.value
+  pre = base_config(pre_steps, quick)
+  pre.classes = OLD
+  pre_dir = os.path.join(root, 'pretrain')
+  pre_result = run_cell(pre_dir, pre)
+  results = {}
+  for n in SIZES:
+    for mode, (_, overrides) in MODES.items():
+      c = base_config(steps, quick)
+      c.classes = NEW
+      c.train_examples_per_class = n
+      for k, v in overrides.items():
+        setattr(c, k, v)
+      if mode != 'scratch':
+        c.init_from = pre_dir
+      results[n, mode] = run_cell(os.path.join(root, f'{mode}_{n}'), c)
+
+  lines = [
+      f'Pretraining: {_MODEL.value}, classes 0-4, {pre_steps} steps of batch '
+      f'{_BATCH.value}: test accuracy {100 * pre_result["accuracy"]:.1f} % '
+      f'on classes 0-4 ({pre_result["wall_s"]:.0f} s).',
+      '',
+      f'Classes 5-9, {steps} steps of batch {_BATCH.value} per cell (cosine '
+      'lr); test accuracy on the 5000 test images of classes 5-9 (chance '
+      '20 %) and wall time of the whole run (data, compilation, training, '
+      'evaluation):',
+      '',
+      '| train images per class | ' +
+      ' | '.join(title for title, _ in MODES.values()) + ' |',
+      '|---|' + '---|' * len(MODES)]
+  for n in SIZES:
+    cells = [f'{100 * results[n, m]["accuracy"]:.1f} % '
+             f'({results[n, m]["wall_s"]:.0f} s)' for m in MODES]
+    lines.append(f'| {n} | ' + ' | '.join(cells) + ' |')
+  table = '\n'.join(lines) + '\n'
+  with open(os.path.join(root, 'results.md'), 'w') as f:
+    f.write(table)
+  return table
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  print(common.run(study, _WORKDIR.value, _QUICK.value), end='')
+
+
+if __name__ == '__main__':
+  app.run(main)
