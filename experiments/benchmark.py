@@ -1,0 +1,227 @@
+r"""Speed and memory of training and evaluation for one model.
+
+  python -m experiments.benchmark --config=configs/cifar10.py:cifar_resnet20 \
+    [--batch-size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
+    [--compare=dtype|fusion]
+
+prints a table: compile time, train images/s (median of --steps steps after
+warm-up, on synthetic uint8 batches through the library's real train step:
+on-device crop/flip, forward, backward, SGD), eval images/s, peak memory,
+FLOPs per image (forward, `cnn.summary`) and the achieved GFLOP/s of
+training (3x forward: forward + two backward convolutions), then the input
+pipeline's own rate (`TrainBatches` + host->device copy on the real
+`cifar10_jpeg` when present) and its ratio to the training rate.
+
+`--torch` times the PyTorch twin of the net (`experiments/torch_reference.py`,
+needs `pip install '.[torch]'`) in the same run, interleaved step by step with
+JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
+bfloat16 side by side; `--compare=fusion` the train step compiled with
+XLA:CPU's default fusion against the library's default
+(`cnn.steps.default_compiler_options`). Variants are timed round-robin, one
+step each per round, so that load from other processes hits them alike.
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and argument, e.g. configs/cifar10.py:MODEL.',
+    lock_config=True)
+_BATCH = flags.DEFINE_integer('batch-size', None, 'Training batch (default: '
+                              "the config's).")
+_EVAL_BATCH = flags.DEFINE_integer('eval-batch-size', None, 'Eval batch '
+                                   "(default: the config's).")
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           "Compute dtype (default: the config's).")
+_TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference '
+                           'and print the ratio.')
+_CHANNELS_LAST = flags.DEFINE_bool('torch-channels-last', False,
+                                   'PyTorch in channels-last memory format.')
+_COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion'],
+                             'Two JAX variants side by side: float32 vs '
+                             'bfloat16, or XLA default fusion vs the '
+                             "library's CPU options.")
+_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline-batches', 200, 'Batches '
+                                         'timed for the input pipeline (0: '
+                                         'skip).')
+_DATASET = flags.DEFINE_string('dataset', 'cifar10_jpeg', 'TFDS dataset for '
+                               'the input-pipeline rate (random images when '
+                               'it is absent).')
+_DATA_DIR = flags.DEFINE_string('data-dir', '../shared/data/tfds', 'TFDS '
+                                'data_dir of --dataset.')
+flags.mark_flags_as_required(['config'])
+
+MIB = 1 << 20
+
+
+def _fmt(v, digits=1):
+  if v is None:
+    return 'n/a'
+  if isinstance(v, str):
+    return v
+  return f'{v:,.{digits}f}'
+
+
+def _print_table(header, rows):
+  widths = [max(len(str(r[i])) for r in [header] + rows)
+            for i in range(len(header))]
+  for k, r in enumerate([header] + rows):
+    print('  '.join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                    for i, (c, w) in enumerate(zip(r, widths))))
+    if k == 0:
+      print('  '.join('-' * w for w in widths))
+
+
+def _pipeline_data(config, image_shape, num_classes):
+  """The real training split when it is on disk, else random images."""
+  from cnn import benchmarking  # pylint: disable=g-import-not-at-top
+  from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
+  data_dir = os.path.expanduser(_DATA_DIR.value)
+  if os.path.isdir(os.path.join(data_dir, _DATASET.value)):
+    data = input_pipeline.load_arrays(_DATASET.value, config.train_split,
+                                      data_dir)
+    return data, _DATASET.value
+  return (benchmarking.synthetic_arrays(50_000, image_shape, num_classes),
+          'random uint8 (no ' + _DATASET.value + ')')
+
+
+def benchmark(config):
+  """Builds, times and prints; returns the table rows (for callers)."""
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn import benchmarking as bm  # pylint: disable=g-import-not-at-top
+  from cnn import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cnn.train import validate_config  # pylint: disable=g-import-not-at-top
+
+  validate_config(config)
+
+  bs = _BATCH.value or config.batch_size
+  ebs = _EVAL_BATCH.value or config.eval_batch_size
+  if bs < 1 or ebs < 1 or _STEPS.value < 1:
+    raise ConfigError('--batch-size, --eval-batch-size and --steps must be '
+                      'positive')
+  dtype = _DTYPE.value or config.get('dtype', 'float32')
+
+  # Variants: name -> kwargs of jax_setup.
+  if _COMPARE.value == 'dtype':
+    variants = {'jax float32': dict(dtype='float32'),
+                'jax bfloat16': dict(dtype='bfloat16')}
+  elif _COMPARE.value == 'fusion':
+    variants = {'jax xla-default': dict(dtype=dtype, compiler_options=None),
+                'jax cnn-default': dict(
+                    dtype=dtype,
+                    compiler_options=steps_lib.default_compiler_options())}
+  else:
+    variants = {f'jax {dtype}': dict(dtype=dtype)}
+  setups = {name: bm.jax_setup(config, bs, ebs, **kw)
+            for name, kw in variants.items()}
+  first = next(iter(setups.values()))
+  train_batch = bm.synthetic_batch(bs, first.image_shape, first.num_classes)
+  eval_batch = bm.synthetic_batch(ebs, first.image_shape, first.num_classes,
+                                  mask=True)
+  train_runners = {n: s.train_runner(train_batch) for n, s in setups.items()}
+  eval_runners = {n: s.eval_runner(eval_batch) for n, s in setups.items()}
+  compile_s = {n: s.compile_s for n, s in setups.items()}
+  params = None
+
+  if _TORCH.value:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      from experiments import torch_reference as tr  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ConfigError("--torch needs PyTorch: pip install '.[torch]'") from None
+    try:
+      net = tr.model_from_name(config.model,
+                               **dict(config.get('model_kwargs', {})))
+    except (ValueError, TypeError) as e:
+      raise ConfigError(str(e)) from None
+    tdtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+    tstep = tr.TrainStep(net, np.zeros(first.image_shape, np.float32),
+                         channels_last=_CHANNELS_LAST.value, dtype=tdtype)
+    tx = torch.from_numpy(train_batch['image'])
+    ty = torch.from_numpy(train_batch['label']).long()
+    tex = torch.from_numpy(eval_batch['image'])
+    name = 'torch ' + dtype + (' cl' if _CHANNELS_LAST.value else '')
+    t0 = time.perf_counter()
+    tstep(tx, ty)  # PyTorch has no compile step; its first step is timed.
+    compile_s[name] = time.perf_counter() - t0
+    train_runners[name] = lambda: tstep(tx, ty)
+    eval_runners[name] = lambda: tstep.eval(tex)
+    params = (sum(x.size for x in jax.tree.leaves(first.state.params)),
+              tr.count_params(net))
+
+  train_t = bm.time_interleaved(train_runners, _STEPS.value, _WARMUP.value)
+  eval_t = bm.time_interleaved(eval_runners, max(_STEPS.value // 2, 3), 1)
+  names = list(train_runners)
+  train_rate = {n: bs / statistics.median(train_t[n]) for n in names}
+  eval_rate = {n: ebs / statistics.median(eval_t[n]) for n in names}
+  fwd_flops = first.flops_per_image()
+  rss = bm.peak_host_rss_bytes()
+  dev = bm.device_peak_bytes()
+
+  print(f'model {config.model}  batch {bs} (eval {ebs})  '
+        f'{_STEPS.value} timed steps (median)  device '
+        f'{jax.devices()[0].device_kind} x{jax.device_count()}')
+  if params:
+    print(f'parameters: jax {params[0]:,}  torch {params[1]:,}')
+  jax_names = [n for n in names if n.startswith('jax')]
+  torch_name = next((n for n in names if n.startswith('torch')), None)
+  # Ratio columns: each JAX variant over PyTorch, and the second JAX variant
+  # over the first (the effect of --compare).
+  ratios = [(a, torch_name) for a in jax_names] if torch_name else []
+  if len(jax_names) == 2:
+    ratios.append((jax_names[1], jax_names[0]))
+  header = (['metric'] + names +
+            [f'{a.removeprefix("jax ")} / {b.removeprefix("jax ")}'
+             for a, b in ratios])
+  rows = []
+
+  def row(label, values, digits=1):
+    r = [label] + [_fmt(values.get(n), digits) for n in names]
+    for a, b in ratios:
+      r.append(f'{values[a] / values[b]:.2f}x' if values.get(b) else '')
+    rows.append(r)
+
+  row('compile s (torch: 1st step)', compile_s, 2)
+  row('train images/s', train_rate)
+  row('eval images/s', eval_rate)
+  row('train GFLOP/s (3x fwd)',
+      {n: 3 * fwd_flops * train_rate[n] / 1e9 for n in names}, 2)
+  rows.append(['forward MFLOPs / image', f'{fwd_flops / 1e6:,.1f}'] +
+              [''] * (len(header) - 2))
+  rows.append(['peak host RSS MiB (process)', f'{rss / MIB:,.0f}'] +
+              [''] * (len(header) - 2))
+  rows.append(['peak device MiB', _fmt(dev and dev / MIB, 0)] +
+              [''] * (len(header) - 2))
+  _print_table(header, rows)
+
+  if _PIPELINE_BATCHES.value:
+    data, source = _pipeline_data(config, first.image_shape,
+                                  first.num_classes)
+    rate = bm.pipeline_rate(data, bs, _PIPELINE_BATCHES.value)
+    best = max(train_rate[n] for n in names if n.startswith('jax'))
+    verdict = 'OK' if rate >= 5 * best else 'TOO SLOW (< 5x)'
+    print(f'input pipeline ({source}): {rate:,.0f} images/s = '
+          f'{rate / best:,.1f}x the fastest JAX train rate: {verdict}')
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  common.run(benchmark, _CONFIG.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
