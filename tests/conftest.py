@@ -4,6 +4,13 @@ import pathlib
 
 import pytest
 
+# The CPU train step is compiled without XLA's fusion pass by default (faster
+# steps, 2.5x slower compiles; see cnn/steps.py). The suite compiles many tiny
+# nets and runs few steps, so it keeps XLA's defaults;
+# tests/test_train.py::test_cpu_compiler_options_keep_the_math checks the
+# library default against them explicitly.
+os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The prepared CIFAR-10 copy beside the project (see shared/data/README.md).
 SHARED_TFDS = pathlib.Path(os.environ.get(

@@ -69,6 +69,30 @@ def test_loss_falls_on_a_fixed_batch():
   assert steps.train._cache_size() == 1  # pylint: disable=protected-access
 
 
+def test_cpu_compiler_options_keep_the_math():
+  """The library's CPU train-step options change speed, not results."""
+  model = models.get_model('cifar_resnet8', num_classes=10)
+  c = small_config()
+  tx = optim.make_optimizer(c)
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  results = []
+  for options in (steps_lib.CPU_COMPILER_OPTIONS, None):
+    steps = steps_lib.make_steps(model, tx, optim.make_schedule(c),
+                                 np.zeros(3, np.float32),
+                                 compiler_options=options)
+    state = steps_lib.create_train_state(model, tx, jax.random.PRNGKey(0),
+                                         (32, 32, 3))
+    for _ in range(3):
+      state, m = steps.train(state, batch)
+    results.append((jax.device_get(state.params), float(m['loss'])))
+  (p_a, loss_a), (p_b, loss_b) = results
+  assert loss_a == pytest.approx(loss_b, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_config_values_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match='cifar_resnet{6n'):
     run(small_config(model='cifar_resnet21'), tmp_path / 'a')
