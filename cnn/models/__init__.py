@@ -12,6 +12,8 @@ Names:
   resnet18/34/50/101/152, plain18/34, resnet_tiny
   cifar_resnet{6n+2}, cifar_plain{6n+2} (any n >= 1; 8 is the tiny one)
   lenet5
+  overfeat_fast, overfeat_accurate, cifar_fcnet (OverFeat-shaped, 32x32),
+    overfeat_tiny (OverFeat-shaped, 64x64 canvases)
 """
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ import jax.numpy as jnp
 from cnn.models.alexnet import AlexNet
 from cnn.models.cifar import CifarResNet, blocks_per_stage
 from cnn.models.lenet import LeNet5
+from cnn.models import overfeat as _overfeat
+from cnn.models.overfeat import OverFeat
 from cnn.models.resnet import ResNet
 from cnn.models.vgg import CONFIGS as VGG_CONFIGS
 from cnn.models.vgg import VGG
 
-__all__ = ['AlexNet', 'CifarResNet', 'LeNet5', 'ResNet', 'VGG', 'get_model',
+__all__ = ['AlexNet', 'CifarResNet', 'LeNet5', 'OverFeat', 'ResNet', 'VGG',
+           'get_model',
            'model_names', 'default_input_shape', 'default_num_classes']
 
 
@@ -70,6 +75,18 @@ _VARIANTS: dict[str, _Variant] = {
     'resnet_tiny': _Variant(
         ResNet, dict(stage_sizes=(1, 1, 1, 1), num_filters=8), _CIFAR, 10),
     'lenet5': _Variant(LeNet5, {}, (28, 28, 1), 10),
+    'overfeat_fast': _Variant(
+        OverFeat, dict(layers=_overfeat.FAST, fc_widths=(3072, 4096)),
+        (231, 231, 3), 1000),
+    'overfeat_accurate': _Variant(
+        OverFeat, dict(layers=_overfeat.ACCURATE, fc_widths=(4096, 4096)),
+        (221, 221, 3), 1000),
+    'cifar_fcnet': _Variant(
+        OverFeat, dict(layers=_overfeat.CIFAR_FC, fc_widths=(256, 256),
+                       dropout_rate=0.0), _CIFAR, 10),
+    'overfeat_tiny': _Variant(
+        OverFeat, dict(layers=_overfeat.TINY64, fc_widths=(256, 256),
+                       dropout_rate=0.0), (64, 64, 3), 10),
 }
 _VARIANTS.update({
     f'resnet{depth}': _Variant(

@@ -1,0 +1,1 @@
+"""Small array operations used by the models and evaluation (box ops)."""

@@ -1,0 +1,90 @@
+r"""Classification + localization on CIFAR pasted onto 64x64 canvases.
+
+The lecture's three-step recipe, one preset per step (the argument):
+  classify  train trunk + class head with cross-entropy only;
+  regress   train the box head only (L2 on x, y, w, h), trunk frozen,
+            starting from the classify run (--config.init_from);
+  both      test time: both heads of the regress run, single-window and
+            multi-scale dense (OverFeat) evaluation;
+  joint     one run training everything with cross-entropy + L2;
+  local     a few steps of `joint` for a quick check.
+
+Commands (about 3 + 2 minutes of a 2-core CPU for the first two):
+
+  python -m experiments.localize --config=configs/localization.py:classify \
+    --workdir=runs/loc_classify
+  python -m experiments.localize --config=configs/localization.py:regress \
+    --workdir=runs/loc_regress --config.init_from=runs/loc_classify
+  python -m experiments.localize --config=configs/localization.py:both \
+    --workdir=runs/loc_both --config.init_from=runs/loc_regress \
+    --picture=runs/loc_both/picture.png
+
+Expected: the box head reaches a mean IoU well above the mean-box baseline
+(about 0.4 on this data); see the README for measured numbers. The source
+defaults to `cifar10_jpeg` in ../shared/data/tfds; `--config.source=cifar10
+--config.data_dir=` uses TFDS's own copy. `--config.dataset=voc` uses TFDS
+`voc/2007` single-object images when that is prepared.
+"""
+from ml_collections import config_dict
+
+PRESETS = ('classify', 'regress', 'both', 'joint', 'local')
+
+
+def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
+  arg = arg or 'joint'
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset '{arg}'; use one of {', '.join(PRESETS)}")
+  c = config_dict.ConfigDict()
+  c.stage = 'joint' if arg == 'local' else arg
+  c.model = 'overfeat_tiny'  # any registry model with an FC head
+  c.model_kwargs = config_dict.ConfigDict()
+  c.attach = 'conv'  # 'fc': the box head reads the first FC layer
+  c.box_widths = (256,)
+  c.box_weight = 1.0  # joint: cross-entropy + box_weight * L2
+
+  c.dataset = 'synthetic'  # or 'voc' (TFDS voc/2007, single object)
+  c.source = 'cifar10_jpeg'
+  c.data_dir = '../shared/data/tfds'
+  c.train_split = 'train'
+  c.test_split = 'test'
+  c.train_examples = 0  # 0: the whole split
+  c.test_examples = 2000
+  c.canvas = 64
+  c.background = 'noise'
+  c.flip = True
+
+  c.batch_size = 64
+  c.eval_batch_size = 250
+  c.num_train_steps = {'classify': 1200, 'regress': 800, 'both': 0,
+                       'joint': 1500, 'local': 20}[arg]
+  c.seed = 0
+  c.init_from = ''
+  c.learning_rate = 0.01
+  c.lr_schedule = 'cosine'
+  c.lr_milestones = ()
+  c.lr_factor = 0.1
+  c.warmup_steps = 0
+  c.warmup_lr = 0.0
+  c.warmup = 'linear'
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 5e-4
+  c.decay_bn_and_bias = False
+
+  c.scales = (1.0, 1.25, 1.5)  # dense evaluation; 1.0 = the training size
+  c.merge = 'greedy'  # or 'nms'
+  c.merge_threshold = 0.5
+  c.dense_eval = True
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.tensorboard = True
+  if arg == 'local':
+    c.train_examples = 512
+    c.test_examples = 100
+    c.log_every_steps = 5
+    c.eval_every_steps = 10
+    c.checkpoint_every_steps = 10
+  return c
