@@ -14,7 +14,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import LRN, Dtype, MaxPool, flatten, he_normal
+from cnn.models.common import LRN, Dtype, MaxPool, fc_classifier, he_normal
 from cnn.models.resnet import ModuleDef
 
 
@@ -81,10 +81,6 @@ class AlexNet(nn.Module):
     conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=he_normal)
     x = AlexNetFeatures(self.widths, conv, self.groups, self.lrn,
                         name='features')(x)
-    x = flatten(x)
-    for name in ('fc6', 'fc7'):
-      x = nn.relu(nn.Dense(self.fc_width, dtype=self.dtype, name=name)(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train,
-                     name=name.replace('fc', 'drop'))(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return jnp.asarray(x, jnp.float32)
+    return fc_classifier(
+        x, {'fc6': self.fc_width, 'fc7': self.fc_width}, self.num_classes,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, train=train)

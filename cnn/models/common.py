@@ -71,3 +71,28 @@ class LRN(nn.Module):
 def flatten(x):
   """(B, ...) -> (B, prod(...)) for the first fully connected layer."""
   return x.reshape((x.shape[0], -1))
+
+
+def fc_classifier(x, widths: dict, num_classes: int, *, dropout_rate: float,
+                  dtype, train: bool):
+  """Flatten -> (Dense + ReLU + dropout) per `widths` -> Dense `head`.
+
+  Called inside a parent's `@nn.compact` method, so the layers are the
+  parent's own children (`fc6`, `drop6`, ..., `head`): transfer learning and
+  the FC-to-conv conversion address them by those names.
+
+  Args:
+    x: the last feature map (B, H, W, C).
+    widths: layer name -> width, in order, e.g. {'fc6': 4096, 'fc7': 4096}.
+    num_classes: outputs of `head`.
+    dropout_rate: dropout after each hidden FC layer, in training only.
+    dtype: compute dtype.
+    train: training mode (dropout on).
+  """
+  x = flatten(x)
+  for name, width in widths.items():
+    x = nn.relu(nn.Dense(width, dtype=dtype, name=name)(x))
+    x = nn.Dropout(dropout_rate, deterministic=not train,
+                   name=name.replace('fc', 'drop'))(x)
+  x = nn.Dense(num_classes, dtype=dtype, name='head')(x)
+  return jnp.asarray(x, jnp.float32)

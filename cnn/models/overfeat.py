@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, MaxPool, flatten, he_normal
+from cnn.models.common import Dtype, MaxPool, fc_classifier, he_normal
 
 # ('conv', filters, kernel side, stride, padding) or ('pool', window, stride).
 Layer = tuple
@@ -150,10 +150,6 @@ class OverFeat(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = self.trunk(name='features')(x)
-    x = flatten(x)
-    for name, width in zip(self.fc_names(), self.fc_widths):
-      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=name)(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train,
-                     name=name.replace('fc', 'drop'))(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return jnp.asarray(x, jnp.float32)
+    return fc_classifier(
+        x, dict(zip(self.fc_names(), self.fc_widths)), self.num_classes,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, train=train)

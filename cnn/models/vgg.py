@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import LRN, Dtype, MaxPool, flatten, he_normal
+from cnn.models.common import LRN, Dtype, MaxPool, fc_classifier, he_normal
 from cnn.models.resnet import ModuleDef
 
 # Stage -> convs as (filters, kernel side). The tuple-of-tuples form keeps the
@@ -99,10 +99,6 @@ class VGG(nn.Module):
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = VGGFeatures(self.stages, conv, norm, self.lrn, name='features')(x)
-    x = flatten(x)
-    for name in ('fc6', 'fc7'):
-      x = nn.relu(nn.Dense(self.fc_width, dtype=self.dtype, name=name)(x))
-      x = nn.Dropout(self.dropout_rate, deterministic=not train,
-                     name=name.replace('fc', 'drop'))(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return jnp.asarray(x, jnp.float32)
+    return fc_classifier(
+        x, {'fc6': self.fc_width, 'fc7': self.fc_width}, self.num_classes,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, train=train)
