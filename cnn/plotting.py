@@ -66,14 +66,31 @@ class Run:
   def seed(self) -> int:
     return int(self.config.get('seed', 0))
 
+  @property
+  def stem(self) -> str:
+    """The name without its seed suffix: `plain20_s1` -> `plain20`."""
+    return re.sub(r'_s\d+$', '', self.name)
 
-def load_runs(workdir: str) -> list[Run]:
-  """The run folders directly under `workdir` that have logged metrics."""
+
+def load_runs(workdir: str, only: str | None = None) -> list[Run]:
+  """The run folders directly under `workdir` that have logged metrics.
+
+  Args:
+    workdir: a sweep folder.
+    only: a regular expression; only runs whose name it matches (re.search).
+  """
   if not os.path.isdir(workdir):
     raise ConfigError(f'{workdir} is not a folder; pass the --workdir of a '
                       'sweep')
+  try:
+    pattern = re.compile(only or '')
+  except re.error as e:
+    raise ConfigError(f"--only='{only}' is not a regular expression ({e})"
+                      ) from None
   runs = []
   for name in sorted(os.listdir(workdir)):
+    if not pattern.search(name):
+      continue
     d = os.path.join(workdir, name)
     cfg_path = os.path.join(d, 'config.json')
     if not os.path.isfile(cfg_path):
@@ -85,16 +102,30 @@ def load_runs(workdir: str) -> list[Run]:
       config = json.load(f)
     runs.append(Run(name, d, config, records))
   if not runs:
-    raise ConfigError(f'no run with metrics.jsonl under {workdir}; run '
+    raise ConfigError(f'no run with metrics.jsonl under {workdir}'
+                      f"{f' matching {only!r}' if only else ''}; run "
                       'experiments.sweep first (or point at a sweep folder)')
   return sorted(runs, key=lambda r: (r.kind, r.depth, r.seed, r.name))
 
 
-def _groups(runs: list[Run]) -> dict[tuple[str, int], list[Run]]:
-  out: dict[tuple[str, int], list[Run]] = {}
+def _groups(runs: list[Run]) -> dict[tuple[str, int, str], list[Run]]:
+  """Runs by (kind, depth, stem); runs named `<stem>_s<seed>` are seeds of
+  one net and are averaged, other stems (e.g. lr schedules) stay apart."""
+  out: dict[tuple[str, int, str], list[Run]] = {}
   for r in runs:
-    out.setdefault((r.kind, r.depth), []).append(r)
+    out.setdefault((r.kind, r.depth, r.stem), []).append(r)
   return out
+
+
+def _shared(kind: str, depth: int, groups) -> bool:
+  """Whether several nets (stems) have this kind and depth."""
+  return sum(1 for (k, d, _) in groups if (k, d) == (kind, depth)) > 1
+
+
+def _label(kind: str, depth: int, stem: str, groups) -> str:
+  """'ResNet-20', or 'ResNet-20 <stem>' when several nets share it."""
+  name = f'{KIND_TITLES.get(kind, kind)}-{depth}' if depth else kind
+  return f'{name} {stem}' if _shared(kind, depth, groups) else name
 
 
 def mean_curve(runs: list[Run], split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,25 +146,29 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
   Several seeds of one net are averaged.
   """
   groups = _groups(runs)
-  depths = sorted({d for (_, d) in groups})
+  # One colour per depth, shared by both panels; per net when several nets
+  # of one depth share a panel (e.g. a sweep over schedules).
+  by_depth = not any(_shared(k, d, groups) for (k, d, _) in groups)
+  keys = sorted({d if by_depth else (d, stem) for (_, d, stem) in groups})
   cmap = plt.get_cmap('tab10')
-  colour = {d: cmap(i % 10) for i, d in enumerate(depths)}
+  colours = {key: cmap(i % 10) for i, key in enumerate(keys)}
+  colour = lambda d, stem: colours[d if by_depth else (d, stem)]
   fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   lo, hi = math.inf, -math.inf
   for ax, kind in zip(axes, ('plain', 'resnet')):
-    for (k, depth), members in sorted(groups.items()):
+    for (k, depth, stem), members in sorted(groups.items()):
       if k != kind:
         continue
-      label = f'{KIND_TITLES[kind]}-{depth}'
+      label = _label(kind, depth, stem, groups)
       seeds = f' ({len(members)} seeds)' if len(members) > 1 else ''
       split = sweeps.eval_split(members[0].records) or 'test'
       x, y = mean_curve(members, 'train')
       if len(x):
-        ax.plot(x, y, '--', color=colour[depth], linewidth=1)
+        ax.plot(x, y, '--', color=colour(depth, stem), linewidth=1)
         lo, hi = min(lo, y.min()), max(hi, y.max())
       x, y = mean_curve(members, split)
       if len(x):
-        ax.plot(x, y, '-', color=colour[depth], linewidth=2.5,
+        ax.plot(x, y, '-', color=colour(depth, stem), linewidth=2.5,
                 label=label + seeds)
         lo, hi = min(lo, y.min()), max(hi, y.max())
     ax.set_title(f'{KIND_TITLES[kind]} nets' if kind == 'plain'
@@ -145,7 +180,7 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
     style = [plt.Line2D([], [], color='grey', linestyle='--', linewidth=1),
              plt.Line2D([], [], color='grey', linewidth=2.5)]
     ax.legend(style + handles, ['training error', 'test error'] + labels,
-              loc='upper right', fontsize=8)
+              loc='best', fontsize=8)
   axes[0].set_ylabel('error (%)')
   axes[1].tick_params(labelleft=True)
   if math.isfinite(lo):
@@ -248,7 +283,8 @@ def table6(runs: list[Run]) -> str:
            'error % | final test error % | best test error % | paper test '
            'error % (params) |',
            '|---|---|---|---|---|---|---|---|---|']
-  for (kind, depth), members in sorted(_groups(runs).items()):
+  groups = _groups(runs)
+  for (kind, depth, stem), members in sorted(groups.items()):
     model = members[0].model
     try:
       params = sum(r.params for r in summary.summarize(
@@ -270,7 +306,10 @@ def table6(runs: list[Run]) -> str:
     paper = PAPER_TABLE6.get((kind, depth))
     paper = f'{paper[0]:.2f} ({paper[1]}M)' if paper else '-'
     its = '/'.join(str(s) for s in sorted(steps))
-    lines.append(f'| {KIND_TITLES.get(kind, kind)} | {depth or "-"} | '
+    net = KIND_TITLES.get(kind, kind)
+    if _shared(kind, depth, groups):
+      net += f' {stem}'
+    lines.append(f'| {net} | {depth or "-"} | '
                  f'{params} | {len(members)} | {its} | {_fmt(train)} | '
                  f'{_fmt(final)} | {_fmt(best)} | {paper} |')
   return '\n'.join(lines) + '\n'
@@ -300,8 +339,8 @@ def _filters_run(runs: list[Run], name: str | None) -> Run | None:
 
 
 def write_all(workdir: str, out: str | None = None, dpi: int = 80,
-              filters_run: str | None = None, checkpoint: str = 'latest'
-              ) -> tuple[list[str], str]:
+              filters_run: str | None = None, checkpoint: str = 'latest',
+              only: str | None = None) -> tuple[list[str], str]:
   """Writes figure6.png, table6.md, lr_<run>.png and filters.png.
 
   Args:
@@ -311,11 +350,12 @@ def write_all(workdir: str, out: str | None = None, dpi: int = 80,
     filters_run: the run whose first conv filters to draw; default: the
       deepest ResNet with a checkpoint (no filters.png when none has one).
     checkpoint: that run's checkpoint: 'latest', 'best' or a step.
+    only: a regular expression selecting runs by name (default: all).
 
   Returns:
     The paths written and the Markdown table.
   """
-  runs = load_runs(workdir)
+  runs = load_runs(workdir, only)
   out = out or workdir
   os.makedirs(out, exist_ok=True)
   written = [save(figure6(runs, title=os.path.basename(

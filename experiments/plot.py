@@ -1,7 +1,7 @@
 r"""Draws a sweep's figures and table from its run folders.
 
   python -m experiments.plot --workdir=runs/plain_vs_resnet_cpu [--out=DIR] \
-    [--dpi=80] [--filters_run=NAME] [--checkpoint=latest]
+    [--dpi=80] [--only=REGEX] [--filters_run=NAME] [--checkpoint=latest]
 
 Writes into `--out` (default: the workdir):
   figure6.png      He et al. Figure 6: plain nets left, ResNets right,
@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep folder (one subfolder '
                                'per run).')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default: --workdir).')
 _DPI = flags.DEFINE_integer('dpi', 80, 'Resolution of the PNGs.')
+_ONLY = flags.DEFINE_string('only', None, 'Plot only runs whose name matches '
+                            'this regular expression.')
 _FILTERS_RUN = flags.DEFINE_string('filters_run', None, 'Run whose first '
                                    'conv filters to draw (default: the '
                                    'deepest ResNet with a checkpoint).')
@@ -40,7 +42,8 @@ def _plot():
     logging.set_verbosity(logging.ERROR)
   written, table = plotting.write_all(
       _WORKDIR.value, _OUT.value, dpi=_DPI.value,
-      filters_run=_FILTERS_RUN.value, checkpoint=_CHECKPOINT.value)
+      filters_run=_FILTERS_RUN.value, checkpoint=_CHECKPOINT.value,
+      only=_ONLY.value)
   print(table, end='')
   for path in written:
     print(f'wrote {path}')

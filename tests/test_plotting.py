@@ -141,11 +141,30 @@ def test_filters_come_from_the_checkpoint(tmp_path):
   png_size(tmp_path / 'out' / 'lr_resnet8_s0.png')
 
 
+def test_runs_other_than_seeds_are_not_averaged(tmp_path):
+  # A schedule sweep: same net, different members -> separate curves/rows.
+  write_run(tmp_path, 'step_s0', 'cifar_resnet20', 0, (0.5, 0.4), (0.5, 0.4))
+  write_run(tmp_path, 'plateau_f0.1_p1_s0', 'cifar_resnet20', 0, (0.6, 0.2),
+            (0.6, 0.3))
+  runs = plotting.load_runs(str(tmp_path))
+  right = plotting.figure6(runs).axes[1]
+  labels = [t.get_text() for t in right.get_legend().get_texts()][2:]
+  assert labels == ['ResNet-20 plateau_f0.1_p1', 'ResNet-20 step']
+  colours = {str(l.get_color()) for l in right.get_lines()}
+  assert len(colours) == 2
+  table = plotting.table6(runs)
+  assert '| ResNet step | 20 | 0.27M | 1 | 200 | 40.00 | 40.00 | 40.00 |' in (
+      table)
+  assert '| ResNet plateau_f0.1_p1 | 20 |' in table
+
+
 def test_lr_plot_and_errors(sweep_dir, tmp_path):
   run = plotting.load_runs(str(sweep_dir))[0]
   ax = plotting.lr_figure(run).axes[0]
   assert ax.get_yscale() == 'log' and ax.get_ylabel() == 'learning rate'
   np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1e-3, 5e-4])
+  assert [r.name for r in plotting.load_runs(str(sweep_dir), only='^resnet20')
+          ] == ['resnet20_s0', 'resnet20_s1']
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ConfigError, match='no run with metrics'):
     plotting.load_runs(str(tmp_path / 'empty'))

@@ -34,9 +34,10 @@ def test_plain_vs_resnet_members_cover_the_paper():
   assert all('warmup_steps' not in v for k, v in paper.items()
              if k != 'resnet110_s0')
   # Depth-major: a plain/ResNet pair finishes together.
-  assert names('cpu') == ['plain20_s0', 'resnet20_s0', 'plain56_s0',
-                          'resnet56_s0']
-  assert names('cpu,seeds=2')[:2] == ['plain20_s0', 'plain20_s1']
+  assert names('cpu,seeds=1') == ['plain8_s0', 'resnet8_s0', 'plain20_s0',
+                                  'resnet20_s0']
+  assert names('cpu')[:3] == ['plain8_s0', 'plain8_s1', 'resnet8_s0']
+  assert len(names('cpu,seeds=3')) == 12
   assert names('paper,depths=32-44') == ['plain32_s0', 'resnet32_s0',
                                          'plain44_s0', 'resnet44_s0']
 
@@ -81,9 +82,9 @@ def test_member_names_must_be_unique_and_safe():
                               sweep=lambda arg: [('../x', {})])
   with pytest.raises(ConfigError, match='safe folder name'):
     sweeps.members(bad, None)
-  ms = sweeps.members(plain_vs_resnet, 'cpu')
-  assert [m.name for m in sweeps.select(ms, '56')] == ['plain56_s0',
-                                                       'resnet56_s0']
+  ms = sweeps.members(plain_vs_resnet, 'cpu,seeds=1')
+  assert [m.name for m in sweeps.select(ms, '20')] == ['plain20_s0',
+                                                       'resnet20_s0']
   with pytest.raises(ConfigError, match='matches no member'):
     sweeps.select(ms, 'vgg')
 
