@@ -14,13 +14,14 @@ import os
 import re
 
 import matplotlib
+import numpy as np
+
+from cnn import sweeps
+from cnn.errors import CheckpointError, ConfigError
+from cnn.metric_writers import read_metrics
+
 matplotlib.use('Agg')  # Before pyplot: files only, never a window.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from cnn import sweeps  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cnn.errors import CheckpointError, ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cnn.metric_writers import read_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # He et al. 2015, Table 6 (CIFAR-10 test error %, parameters in millions).
 # The plain nets have no table entry: the paper shows them in Figure 6 only.
@@ -196,7 +197,9 @@ def lr_figure(run: Run) -> plt.Figure:
   """Learning rate over iterations (log scale): where steps/plateaus cut it."""
   x, y = sweeps.curves(run.records, 'train', 'learning_rate')
   fig, ax = plt.subplots(figsize=(5, 3))
-  ax.step(x, y, where='post', color='C0')
+  # A record at step s holds the rate of the log window ending at s, so the
+  # value belongs to the interval before it ('pre'): a cut at 300 shows there.
+  ax.step(x, y, where='pre', color='C0')
   ax.set_yscale('log')
   ax.set_xlabel('iterations')
   ax.set_ylabel('learning rate')

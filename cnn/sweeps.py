@@ -85,8 +85,10 @@ def parse_arg(arg: str | None, presets: Iterable[str],
       else:
         out[key] = type(default)(value)
     except ValueError:
+      expected = ('ints joined by -' if isinstance(default, tuple)
+                  else type(default).__name__)
       raise ConfigError(f"bad value in sweep option '{part}'; expected "
-                        f'{"ints joined by -" if isinstance(default, tuple) else type(default).__name__}') from None
+                        f'{expected}') from None
   return preset, out
 
 

@@ -84,7 +84,8 @@ def _run_in_process(todo, configs, workdir, failures):
     except Exception as e:  # pylint: disable=broad-except
       # A bug in one member must not cost the others their turn.
       traceback.print_exc()
-      message = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+      first = (str(e).splitlines() or [''])[0]
+      message = f'{type(e).__name__}: {first}'
     else:
       continue
     print(f'=== {m.name} failed: {message}', file=sys.stderr, flush=True)
