@@ -113,6 +113,11 @@ def dataset_info(name: str, data_dir: str | None) -> tuple[int, tuple]:
   return info.features['label'].num_classes, tuple(info.features['image'].shape)
 
 
+def class_names(name: str, data_dir: str | None) -> list[str]:
+  """The label names of a TFDS classification dataset."""
+  return list(_builder(name, data_dir).info.features['label'].names)
+
+
 @dataclasses.dataclass
 class Datasets:
   """What training needs from the data.

@@ -222,6 +222,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
+  if config.get('task', 'classification') == 'detection':
+    # Detectors (configs/detection.py) have their own loop: region sampling,
+    # proposals and mAP evaluation instead of labels and error.
+    from cnn import detection  # pylint: disable=g-import-not-at-top
+    return {'test': detection.train_and_evaluate(config, workdir)}
   # Local import: metric writing pulls in TensorFlow's summary ops.
   from cnn import metric_writers  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)

@@ -1,0 +1,39 @@
+r"""Compares trained detectors: mAP@0.5, test time per image, speed-up.
+
+  python -m experiments.detection_table --workdirs=runs/det_rcnn,\
+runs/det_fast_rcnn,runs/det_faster_rcnn [--picture=runs/detections.png]
+
+Prints a markdown table of each run's final test record (written by
+`python -m experiments.train --config=configs/detection.py:KIND`) beside the
+lecture's table (VOC 2007: 50 s / 2 s / 0.2 s per image, 1x / 25x / 250x).
+With --picture, draws detections of each run on the first test canvases.
+"""
+from absl import app
+from absl import flags
+
+from experiments import common
+
+_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Detection run folders.')
+_PICTURE = flags.DEFINE_string('picture', None, 'Write a PNG of detections.')
+_IMAGES = flags.DEFINE_integer('images', 4, 'Test canvases in the picture.')
+_MIN_SCORE = flags.DEFINE_float('min_score', 0.5, 'Draw detections scoring '
+                                'at least this.')
+flags.mark_flags_as_required(['workdirs'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from cnn import detection_report  # pylint: disable=g-import-not-at-top
+
+  def run():
+    print(detection_report.comparison_table(_WORKDIRS.value))
+    if _PICTURE.value:
+      detection_report.draw_detections(_WORKDIRS.value, _PICTURE.value,
+                                       _IMAGES.value, _MIN_SCORE.value)
+      print(f'picture: {_PICTURE.value}')
+  common.run(run)
+
+
+if __name__ == '__main__':
+  app.run(main)
