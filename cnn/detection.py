@@ -53,7 +53,7 @@ from cnn import metric_writers
 from cnn import optim
 from cnn import proposals as proposals_lib
 from cnn import synthetic_detection as synth
-from cnn.errors import ConfigError, NonFiniteLossError
+from cnn.errors import ConfigError
 from cnn.models.common import Dtype, he_normal
 from cnn.ops import boxes as box_ops
 from cnn.ops import roi as roi_ops
@@ -773,13 +773,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window.append(metrics)
         done = step + 1
         if done % config.log_every_steps == 0 or done == total:
-          avg = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
-                 for k in window[0]}
+          avg = metric_writers.window_means(window, done)
           window = []
-          if not np.isfinite(avg['loss']):
-            raise NonFiniteLossError(
-                f'loss became {avg["loss"]} before step {done}: lower '
-                '--config.learning_rate; checkpoints written so far are kept')
           writer.write(done, 'train', **avg)
           progress.log(done, **{k: avg[k] for k in _log_keys(config.kind)})
         if done % config.eval_every_steps == 0 and done != total:

@@ -48,7 +48,7 @@ from cnn import metric_writers
 from cnn import models
 from cnn import optim
 from cnn import synthetic_localization as synth
-from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
+from cnn.errors import CheckpointError, ConfigError
 from cnn.models.common import Dtype, he_normal
 from cnn.ops import boxes as box_ops
 
@@ -486,13 +486,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window.append(metrics)
         done = step + 1
         if done % config.log_every_steps == 0 or done == total:
-          avg = {k: float(np.mean([m[k] for m in jax.device_get(window)]))
-                 for k in window[0]}
+          avg = metric_writers.window_means(window, done)
           window = []
-          if not np.isfinite(avg['loss']):
-            raise NonFiniteLossError(
-                f'loss became {avg["loss"]} before step {done}: lower '
-                '--config.learning_rate; checkpoints written so far are kept')
           writer.write(done, 'train', **avg)
           progress.log(done, **{k: avg[k] for k in ('loss', 'error', 'iou')})
         if done % config.eval_every_steps == 0 and done != total:

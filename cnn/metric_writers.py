@@ -7,6 +7,7 @@ writes them again, identically, so the file never holds a step twice.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +29,25 @@ def read_metrics(workdir: str) -> list[dict]:
       except json.JSONDecodeError:
         break  # A line cut by a kill mid-write: everything after is stale.
   return out
+
+
+def window_means(window: list, step: int) -> dict:
+  """Means of the per-step metric dicts logged since the last log point.
+
+  Raises:
+    NonFiniteLossError: the mean loss is NaN or infinite (checkpoints written
+      so far are untouched).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn.errors import NonFiniteLossError  # pylint: disable=g-import-not-at-top
+  host = jax.device_get(window)
+  means = {k: float(sum(float(m[k]) for m in host) / len(host))
+           for k in host[0]}
+  if not math.isfinite(means['loss']):
+    raise NonFiniteLossError(
+        f'loss became {means["loss"]} before step {step}: lower '
+        '--config.learning_rate; checkpoints written so far are kept')
+  return means
 
 
 class MetricWriter:

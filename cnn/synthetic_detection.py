@@ -18,7 +18,6 @@ renders identically, in any order, and a resumed run sees the same canvases.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import numpy as np
 
@@ -30,6 +29,7 @@ from cnn.ops import boxes as box_ops
 from cnn.synthetic_localization import _OCTAVES  # pylint: disable=protected-access
 from cnn.synthetic_localization import _resize_matrix  # pylint: disable=protected-access
 from cnn.synthetic_localization import BACKGROUNDS
+from cnn.synthetic_localization import load_source
 from cnn.synthetic_localization import resize
 
 # Candidate placements drawn per object. All are drawn whether or not an
@@ -209,13 +209,6 @@ def load(name: str, split: str, data_dir: str | None, *, canvas: int = 128,
   Returns:
     The dataset; `render`/`materialize` draw the canvases.
   """
-  read = f'{split}[:{int(limit)}]' if limit and '[' not in split else split
-  source = input_pipeline.load_arrays(name, read, data_dir)
-  if limit:
-    source = input_pipeline.ArrayData(source.images[:limit],
-                                      source.labels[:limit])
-  mixed = np.random.SeedSequence(
-      [int(seed), zlib.crc32(f'{name}/{split}'.encode())])
-  return SyntheticDetection(source, canvas=canvas,
-                            seed=int(mixed.generate_state(1)[0]),
+  source, mixed = load_source(name, split, data_dir, limit, seed)
+  return SyntheticDetection(source, canvas=canvas, seed=mixed,
                             num_examples=num_examples, **kwargs)

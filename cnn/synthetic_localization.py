@@ -180,6 +180,15 @@ def load(name: str, split: str, data_dir: str | None, *, canvas: int = 64,
   """
   # The placements depend on (seed, name, split) only, so the first k
   # examples are the same canvases whatever `limit` is.
+  source, mixed = load_source(name, split, data_dir, limit, seed)
+  return SyntheticLocalization(source, canvas=canvas, seed=mixed, **kwargs)
+
+
+def load_source(name: str, split: str, data_dir: str | None,
+                limit: int | None, seed: int
+                ) -> tuple[input_pipeline.ArrayData, int]:
+  """The first `limit` images of a TFDS split and the seed mixed with
+  (name, split), so that each split gets its own canvases."""
   read = f'{split}[:{int(limit)}]' if limit and '[' not in split else split
   source = input_pipeline.load_arrays(name, read, data_dir)
   if limit:
@@ -187,8 +196,7 @@ def load(name: str, split: str, data_dir: str | None, *, canvas: int = 64,
                                       source.labels[:limit])
   mixed = np.random.SeedSequence(
       [int(seed), zlib.crc32(f'{name}/{split}'.encode())])
-  return SyntheticLocalization(source, canvas=canvas,
-                               seed=int(mixed.generate_state(1)[0]), **kwargs)
+  return source, int(mixed.generate_state(1)[0])
 
 
 VOC = 'voc/2007'

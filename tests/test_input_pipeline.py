@@ -1,6 +1,5 @@
 """Deterministic batches, whole-split evaluation, augmentation, data errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds

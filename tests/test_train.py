@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cnn import input_pipeline
 from cnn import models
 from cnn import optim
 from cnn import steps as steps_lib
