@@ -625,6 +625,8 @@ def evaluate(model, variables, data: synth.DetectionData, config,
     gt_boxes, gt_classes = data.boxes[i][:n], data.classes[i][:n]
     detections.append({'boxes': b, 'scores': s, 'classes': c})
     truths.append({'boxes': gt_boxes, 'classes': gt_classes})
+    if data.difficult is not None:
+      truths[-1]['difficult'] = data.difficult[i][:n]
     rois = rois[valid]
     num_props += len(rois)
     if n and len(rois):
@@ -655,6 +657,9 @@ def validate_config(config) -> None:
   if config.kind not in KINDS:
     raise ConfigError(f"kind='{config.kind}' is unknown; use one of "
                       f'{", ".join(KINDS)}')
+  if config.get('dataset', 'synthetic') not in ('synthetic', 'voc'):
+    raise ConfigError(f"dataset='{config.dataset}' is unknown; use synthetic "
+                      '(CIFAR pasted on canvases) or voc (TFDS voc/2007)')
   if config.proposals.method not in PROPOSAL_METHODS:
     raise ConfigError(f"proposals.method='{config.proposals.method}' is "
                       f'unknown; use one of {", ".join(PROPOSAL_METHODS)}')
@@ -672,8 +677,12 @@ def validate_config(config) -> None:
 
 
 def canvases(config, split: str, limit: int) -> synth.DetectionData:
-  """The config's synthetic canvases of one split: one per source image of
-  the first `limit` (0: all) images of the split."""
+  """The config's images of one split: synthetic canvases (one per source
+  image of the first `limit` (0: all) images of the split) or VOC 2007
+  images resized to the canvas."""
+  if config.get('dataset', 'synthetic') == 'voc':
+    return synth.load_voc(split, config.data_dir, config.canvas,
+                          limit or None)
   return synth.load(
       config.source, split, config.data_dir, limit=limit or None,
       canvas=config.canvas, seed=config.seed, min_objects=config.min_objects,
@@ -682,13 +691,18 @@ def canvases(config, split: str, limit: int) -> synth.DetectionData:
       background=config.background).materialize()
 
 
+def num_classes(config) -> int:
+  if config.get('dataset', 'synthetic') == 'voc':
+    return 20
+  return input_pipeline.dataset_info(config.source, config.data_dir)[0]
+
+
 class _Data:
-  """Synthetic train/test canvases and, for R-CNN / Fast R-CNN, the cached
-  selective-search proposals of the training canvases."""
+  """Train/test images and, for R-CNN / Fast R-CNN, the cached
+  selective-search proposals of the training images."""
 
   def __init__(self, config, workdir: str, needs_proposals: bool):
-    self.num_classes = input_pipeline.dataset_info(config.source,
-                                                   config.data_dir)[0]
+    self.num_classes = num_classes(config)
     self.train = canvases(config, config.train_split, config.train_examples)
     self.test = canvases(config, config.test_split, config.test_examples)
     self.proposals = self.counts = None
@@ -708,8 +722,11 @@ class _Data:
 
   def batch(self, indices) -> dict:
     t = self.train
+    classes = t.classes[indices]
+    if t.difficult is not None:  # not trained on, as in Fast R-CNN
+      classes = np.where(t.difficult[indices], -1, classes)
     out = {'images': t.images[indices], 'gt_boxes': t.boxes[indices],
-           'gt_classes': t.classes[indices]}
+           'gt_classes': classes}
     if self.proposals is not None:
       out['proposals'] = self.proposals[indices]
       p = self.proposals.shape[1]
@@ -718,8 +735,10 @@ class _Data:
 
 
 def _meta(config, state) -> dict:
+  dataset = config.get('dataset', 'synthetic')
   return {'model': f'detector/{config.kind}',
-          'dataset': f'synthetic_detection/{config.source}',
+          'dataset': ('voc/2007' if dataset == 'voc'
+                      else f'synthetic_detection/{config.source}'),
           'param_shapes': checkpointing.param_shapes(state.params)}
 
 
@@ -756,9 +775,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metric_writers.MetricWriter(workdir, resume_step=start,
                                        tensorboard=config.tensorboard)
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
-  eval_data = synth.DetectionData(**{
-      f.name: getattr(data.test, f.name)[:config.eval_examples]
-      for f in dataclasses.fields(data.test)})
+  eval_data = data.test.take(slice(0, config.eval_examples))
   try:
     if start < total:
       step_fn = make_train_step(model, tx, schedule, config, spec)
@@ -806,8 +823,7 @@ def load_run(workdir: str):
                       'train one with experiments.train first')
   with open(path) as f:
     config = config_dict.ConfigDict(json.load(f))
-  num_classes = input_pipeline.dataset_info(config.source, config.data_dir)[0]
-  model, spec = make_model(config, num_classes)
+  model, spec = make_model(config, num_classes(config))
   tx = optim.make_optimizer(config)
   target = init_state(model, tx, config.seed, spec)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),

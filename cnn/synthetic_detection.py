@@ -29,8 +29,10 @@ from cnn.ops import boxes as box_ops
 from cnn.synthetic_localization import _OCTAVES  # pylint: disable=protected-access
 from cnn.synthetic_localization import _resize_matrix  # pylint: disable=protected-access
 from cnn.synthetic_localization import BACKGROUNDS
+from cnn.synthetic_localization import VOC
 from cnn.synthetic_localization import load_source
 from cnn.synthetic_localization import resize
+from cnn.synthetic_localization import voc_examples
 
 # Candidate placements drawn per object. All are drawn whether or not an
 # early one fits, so the random stream of an example does not depend on
@@ -49,13 +51,22 @@ class DetectionData:
     classes: int32 (N, M) source labels; -1 as padding.
     num_objects: int32 (N,) number of real objects (they come first).
     sources: int32 (N, M) index of each object's source image; -1 as
-      padding.
+      padding (None for VOC).
+    difficult: bool (N, M) VOC's "difficult" flags (None: none are).
   """
   images: np.ndarray
   boxes: np.ndarray
   classes: np.ndarray
   num_objects: np.ndarray
   sources: np.ndarray | None = None
+  difficult: np.ndarray | None = None
+
+  def take(self, indices) -> DetectionData:
+    """The examples at `indices` (a slice or index array)."""
+    return DetectionData(**{
+        f.name: None if getattr(self, f.name) is None
+        else getattr(self, f.name)[indices]
+        for f in dataclasses.fields(self)})
 
   def __len__(self) -> int:
     return len(self.images)
@@ -212,3 +223,42 @@ def load(name: str, split: str, data_dir: str | None, *, canvas: int = 128,
   source, mixed = load_source(name, split, data_dir, limit, seed)
   return SyntheticDetection(source, canvas=canvas, seed=mixed,
                             num_examples=num_examples, **kwargs)
+
+
+def load_voc(split: str, data_dir: str | None, canvas: int = 128,
+             limit: int | None = None, max_objects: int = 42
+             ) -> DetectionData:
+  """Pascal VOC 2007 detection (TFDS `voc/2007`), 20 classes.
+
+  Each image is resized to canvas x canvas (aspect not kept; the boxes
+  follow), its objects padded to `max_objects` (VOC 2007 has at most 42 per
+  image; extra ones are dropped) with their "difficult" flags.
+
+  Raises:
+    DataError: `voc/2007` is not prepared under `data_dir`.
+  """
+  images, boxes, classes, counts, difficult = [], [], [], [], []
+  for ex in voc_examples(split, data_dir):
+    objects = ex['objects']
+    # (The three lengths agree in VOC; tfds mock data draws them apart.)
+    n = min(len(objects['label']), len(objects['bbox']),
+            len(objects['is_difficult']), max_objects)
+    ymin, xmin, ymax, xmax = (objects['bbox'][:n, k] for k in range(4))
+    b = np.zeros((max_objects, 4), np.float32)
+    b[:n] = np.stack([xmin, ymin, xmax - xmin, ymax - ymin], 1) * canvas
+    c = np.full(max_objects, -1, np.int32)
+    c[:n] = objects['label'][:n]
+    d = np.zeros(max_objects, bool)
+    d[:n] = objects['is_difficult'][:n]
+    images.append(np.clip(np.round(resize(ex['image'], canvas, canvas)), 0,
+                          255).astype(np.uint8))
+    boxes.append(b)
+    classes.append(c)
+    counts.append(n)
+    difficult.append(d)
+    if limit and len(images) >= limit:
+      break
+  if not images:
+    raise DataError(f"split '{split}' of {VOC} is empty")
+  return DetectionData(np.stack(images), np.stack(boxes), np.stack(classes),
+                       np.asarray(counts, np.int32), None, np.stack(difficult))

@@ -202,6 +202,30 @@ def load_source(name: str, split: str, data_dir: str | None,
 VOC = 'voc/2007'
 
 
+def voc_examples(split: str, data_dir: str | None):
+  """The examples (numpy dicts) of a split of TFDS `voc/2007`.
+
+  Raises:
+    DataError: `voc/2007` is not prepared under `data_dir` (there is no
+      network here to download it).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  input_pipeline._tf()  # pylint: disable=protected-access
+  try:
+    # as_dataset, not is_prepared(): it is what fails when the data is
+    # missing, and what tfds.testing.mock_data replaces.
+    ds = tfds.builder(VOC, data_dir=data_dir).as_dataset(
+        split=split, shuffle_files=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        f"TFDS '{VOC}' split '{split}' is not readable under "
+        f"{data_dir or 'the default TFDS data_dir'} ({type(e).__name__}): "
+        f'run `tfds build {VOC}` on a machine with network and pass '
+        '--config.data_dir=DIR holding DIR/voc/2007/, or use the synthetic '
+        'dataset (dataset=synthetic)') from None
+  return tfds.as_numpy(ds)
+
+
 def load_voc(split: str, data_dir: str | None, size: int = 64,
              limit: int | None = None) -> LocalizationData:
   """Pascal VOC 2007 single-object localization: images with one object.
@@ -213,22 +237,8 @@ def load_voc(split: str, data_dir: str | None, size: int = 64,
     DataError: `voc/2007` is not prepared under `data_dir` (there is no
       network here to download it).
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  input_pipeline._tf()  # pylint: disable=protected-access
-  try:
-    builder = tfds.builder(VOC, data_dir=data_dir)
-    ready = builder.is_prepared()
-  except Exception:  # pylint: disable=broad-except
-    ready = False
-  if not ready:
-    raise DataError(
-        f"TFDS '{VOC}' is not prepared under "
-        f"{data_dir or 'the default TFDS data_dir'}: run `tfds build {VOC}` "
-        'on a machine with network and pass --config.data_dir=DIR holding '
-        f'DIR/voc/2007/, or use the synthetic dataset (dataset=synthetic)')
-  ds = builder.as_dataset(split=split, shuffle_files=False)
   images, labels, boxes = [], [], []
-  for ex in tfds.as_numpy(ds):
+  for ex in voc_examples(split, data_dir):
     objects = ex['objects']
     if len(objects['label']) != 1:
       continue

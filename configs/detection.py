@@ -23,6 +23,10 @@ the training canvases' proposals are computed once and cached in
 runs/detection_cache, shared by the two); Faster R-CNN's RPN has 9 anchors
 per position (sizes 24/40/64, ratios 1:2, 1:1, 2:1).
 
+`--config.dataset=voc --config.data_dir=DIR --config.train_split=
+train+validation` trains on Pascal VOC 2007 (20 classes, "difficult" boxes
+ignored) where TFDS `voc/2007` is prepared under DIR (it is not here).
+
 Expected (README, measured on the 2-core CPU): mAP@0.5 in the same range for
 the three, Fast R-CNN several times and Faster R-CNN tens of times faster
 per test image than R-CNN.
@@ -42,6 +46,7 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.task = 'detection'  # experiments.train dispatches on this
   c.kind = kind
 
+  c.dataset = 'synthetic'  # or 'voc': TFDS voc/2007 resized to the canvas
   c.source = 'cifar10_jpeg'
   c.data_dir = '../shared/data/tfds'
   c.train_split = 'train'

@@ -15,7 +15,7 @@ from cnn import detection as det
 from cnn import detection_report
 from cnn import metric_writers
 from cnn import train as train_lib
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, DataError
 from cnn.ops import boxes as box_ops
 from configs import detection as det_configs
 from tests.conftest import SHARED_TFDS, requires_cifar10_jpeg
@@ -240,3 +240,22 @@ def test_fast_rcnn_on_real_cifar10_canvases(tmp_path):
   assert 0.0 <= res['map'] <= 1.0
   # Selective search finds the pasted photos (recall ~1 on these canvases).
   assert res['proposal_recall'] > 0.5
+
+
+def test_voc_images_objects_and_difficult_flags_and_missing_voc(tmp_path):
+  from cnn import synthetic_detection as synth  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=3,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    d = synth.load_voc('train', None, canvas=64, max_objects=6)
+  assert d.images.shape == (3, 64, 64, 3) and d.images.dtype == np.uint8
+  assert d.boxes.shape == (3, 6, 4) and d.difficult.shape == (3, 6)
+  for classes, n in zip(d.classes, d.num_objects):
+    assert 1 <= n <= 6
+    assert np.all((classes[:n] >= 0) & (classes[:n] < 20))
+    assert np.all(classes[n:] == -1)
+  part = d.take(slice(0, 2))
+  assert len(part) == 2 and part.sources is None
+  np.testing.assert_array_equal(part.difficult, d.difficult[:2])
+  c = tiny_config('faster_rcnn', dataset='voc', data_dir=str(tmp_path))
+  with pytest.raises(DataError, match=r"voc/2007.*not readable.*tfds build"):
+    det.train_and_evaluate(c, str(tmp_path / 'run'))

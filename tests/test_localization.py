@@ -61,7 +61,7 @@ def test_load_any_split_and_limit_keeps_the_first_canvases():
 
 
 def test_voc_missing_is_one_clear_error(tmp_path):
-  with pytest.raises(DataError, match=r"'voc/2007' is not prepared.*tfds build"):
+  with pytest.raises(DataError, match=r"'voc/2007'.*not readable.*tfds build"):
     synth.load_voc('train', str(tmp_path), 64)
 
 
