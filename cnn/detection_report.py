@@ -97,7 +97,7 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
 
 
 def draw_detections(workdirs, path: str, num_images: int = 4,
-                    min_score: float = 0.5, dpi: int = 90) -> None:
+                    min_score: float = 0.3, dpi: int = 90) -> None:
   """One row per detector: test canvases with its detections (red, class and
   score) and the ground truth (green)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -119,9 +119,12 @@ def draw_detections(workdirs, path: str, num_images: int = 4,
       ax = axes[row, col]
       ax.imshow(data.images[col])
       n = int(data.num_objects[col])
-      for (x, y, w, h) in data.boxes[col][:n]:
+      for (x, y, w, h), k in zip(data.boxes[col][:n], data.classes[col][:n]):
         ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color='lime',
                                    lw=1.5))
+        ax.text(x, y + h + 1, names[k], color='black', fontsize=6,
+                va='top', bbox=dict(facecolor='lime', alpha=0.6, pad=0.5,
+                                    lw=0))
       b, s, c = predictor(data.images[col])[:3]
       for (x, y, w, h), score, k in zip(b, s, c):
         if score < min_score:
@@ -136,7 +139,7 @@ def draw_detections(workdirs, path: str, num_images: int = 4,
       ax.axis('off')
       if col == 0:
         ax.set_title(NAMES[config.kind], fontsize=9, loc='left')
-  fig.suptitle(f'green: ground truth, red: detections with score >= '
-               f'{min_score}', fontsize=9)
+  fig.suptitle(f'green: ground truth (class below), red: detections with '
+               f'score >= {min_score}', fontsize=9)
   fig.savefig(path, dpi=dpi, bbox_inches='tight')
   plt.close(fig)

@@ -22,7 +22,7 @@ _TIMING = flags.DEFINE_integer(
     'turns on this many test canvases (0: the times recorded at the end of '
     'each training run).')
 _IMAGES = flags.DEFINE_integer('images', 4, 'Test canvases in the picture.')
-_MIN_SCORE = flags.DEFINE_float('min_score', 0.5, 'Draw detections scoring '
+_MIN_SCORE = flags.DEFINE_float('min_score', 0.3, 'Draw detections scoring '
                                 'at least this.')
 flags.mark_flags_as_required(['workdirs'])
 
