@@ -27,9 +27,10 @@ per position (sizes 24/40/64, ratios 1:2, 1:1, 2:1).
 train+validation` trains on Pascal VOC 2007 (20 classes, "difficult" boxes
 ignored) where TFDS `voc/2007` is prepared under DIR (it is not here).
 
-Expected (README, measured on the 2-core CPU): mAP@0.5 in the same range for
-the three, Fast R-CNN several times and Faster R-CNN tens of times faster
-per test image than R-CNN.
+Expected (README, measured on the 2-core CPU, 2,000 steps, ~15-20 min
+each): mAP@0.5 0.472 / 0.415 / 0.379 (R-CNN / Fast / Faster) on the 500 test
+canvases; 112 / 86 / 9 ms per test image side by side (Fast R-CNN's network
+3x cheaper than R-CNN's, selective search ~74 ms of both).
 """
 from ml_collections import config_dict
 
