@@ -6,6 +6,8 @@ import sys
 # Before TensorFlow is imported anywhere: hide its C++ INFO/WARNING chatter.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from cnn.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -23,3 +25,24 @@ def run(fn, *args, **kwargs):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad `--config.FIELD=VALUE` as one line.
+
+  ml_collections' config flags raise a bare AttributeError/KeyError/
+  ValueError/TypeError (with a traceback) for an unknown field or a value of
+  the wrong type; turn those into `error: ...` and exit status 2, like
+  absl's own usage errors.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except flags.Error:
+    raise
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
+    if len(message) > 1 and message[0] == message[-1] and message[0] in '\'"':
+      message = message[1:-1]  # the repr quotes of a KeyError
+    print(f'error: bad --config override: {message} (the fields and their '
+          'types are those of the config file)', file=sys.stderr)
+    sys.exit(2)

@@ -26,4 +26,4 @@ def main(argv):
   common.run(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=common.parse_flags)

@@ -202,3 +202,19 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
                        capture_output=True, text=True)
   assert 'resuming from step' in out.stdout
   assert records(killed) == records(clean)
+
+
+def test_misspelt_config_override_is_one_line_and_writes_nothing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train',
+       '--config=configs/cifar10.py:cifar_resnet8', f'--workdir={work}',
+       '--config.lr_schedul=step'], cwd=root, capture_output=True, text=True)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert lines == [lines[0]] and 'Did you mean "lr_schedule"' in lines[0]
+  assert 'Traceback' not in proc.stderr
+  assert not work.exists()
