@@ -813,8 +813,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return result
 
 
-def load_run(workdir: str):
-  """(config, model, spec, variables, test data) of a finished run."""
+def load_run(workdir: str, checkpoint: str | int = 'latest'):
+  """(config, model, spec, variables) of a detection run's checkpoint."""
   import json  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'config.json')
@@ -829,9 +829,20 @@ def load_run(workdir: str):
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     read_only=True)
   try:
-    state = ckpt.restore(ckpt.resolve('latest'), target,
+    state = ckpt.restore(ckpt.resolve(checkpoint), target,
                          meta=_meta(config, target))
   finally:
     ckpt.close()
   return config, model, spec, {'params': state.params,
                                'batch_stats': state.batch_stats}
+
+
+def evaluate_run(workdir: str, checkpoint: str | int = 'latest',
+                 limit: int = 0) -> dict:
+  """Test metrics (mAP@0.5, times, recall) of a run's checkpoint on its
+  test images (the first `limit`, 0: all of the config's)."""
+  config, model, spec, variables = load_run(workdir, checkpoint)
+  data = canvases(config, config.test_split, config.test_examples)
+  if limit:
+    data = data.take(slice(0, limit))
+  return evaluate(model, variables, data, config, spec)

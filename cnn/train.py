@@ -331,6 +331,18 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
                       'folder')
   with open(path) as f:
     config = config_dict.ConfigDict(json.load(f))
+  if config.get('task', 'classification') == 'detection':
+    from cnn import detection  # pylint: disable=g-import-not-at-top
+    if split != 'test':
+      raise ConfigError(f"split '{split}': detection runs hold out only "
+                        'test canvases')
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      read_only=True)
+    step = ckpt.resolve(checkpoint)
+    ckpt.close()
+    result = detection.evaluate_run(workdir, step)
+    result['step'] = step
+    return result
   exp = Experiment(config, workdir, read_only=True)
   if split not in exp.data.evals:
     raise ConfigError(f"split '{split}' is not held out in this run; choose "

@@ -212,6 +212,18 @@ def test_resumed_detector_run_equals_an_uninterrupted_one(trained, tmp_path):
   assert res['map'] == straight['map']
 
 
+def test_evaluate_checkpoint_of_a_detection_run(trained):
+  work, final = trained['faster_rcnn']
+  with tfds.testing.mock_data(num_examples=16):
+    last = train_lib.evaluate_checkpoint(work, 'test', 'latest')
+    early = train_lib.evaluate_checkpoint(work, 'test', '4')
+    with pytest.raises(ConfigError, match='only test'):
+      train_lib.evaluate_checkpoint(work, 'val')
+  assert last['step'] == 6 and early['step'] == 4
+  assert last['map'] == final['map']  # the same weights, the same canvases
+  assert 0.0 <= early['map'] <= 1.0
+
+
 def test_comparison_table_and_picture(trained, tmp_path):
   works = [trained[k][0] for k in det.KINDS]
   table = detection_report.comparison_table(works)
