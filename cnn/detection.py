@@ -53,8 +53,10 @@ from cnn import metric_writers
 from cnn import optim
 from cnn import proposals as proposals_lib
 from cnn import synthetic_detection as synth
-from cnn.errors import ConfigError
+from cnn import transfer
+from cnn.errors import CheckpointError, ConfigError
 from cnn.models.common import Dtype, he_normal
+from cnn.models.detnet import Trunk
 from cnn.ops import boxes as box_ops
 from cnn.ops import roi as roi_ops
 
@@ -70,26 +72,6 @@ HEAD_DELTA_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 # layer with std 0.001: near-uniform scores, near-zero deltas at the start.
 _CLS_INIT = nn.initializers.normal(0.01)
 _BOX_INIT = nn.initializers.normal(0.001)
-
-
-class Trunk(nn.Module):
-  """VGG-style conv trunk: stages of (3x3 conv, BN, ReLU) x n, 2x2 max-pool."""
-  widths: Sequence[int] = (16, 32, 64)
-  convs_per_stage: int = 2
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    for s, width in enumerate(self.widths):
-      for k in range(self.convs_per_stage):
-        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False,
-                    kernel_init=he_normal, dtype=self.dtype,
-                    name=f'conv{s + 1}_{k + 1}')(x)
-        x = nn.relu(norm(name=f'bn{s + 1}_{k + 1}')(x))
-      x = nn.max_pool(x, (2, 2), (2, 2))
-    return x
 
 
 class RPN(nn.Module):
@@ -124,6 +106,8 @@ class RoIHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    # `fc1`, `fc2`, ... named as in `detnet.FCLayers`, so that a pretrained
+    # `det_trunk` classifier's `fc/fc*` load here (`load_pretrained`).
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.widths):
       x = nn.relu(nn.Dense(width, kernel_init=he_normal, dtype=self.dtype,
@@ -734,6 +718,59 @@ class _Data:
     return out
 
 
+PRETRAINED_MODEL = 'det_trunk'
+
+
+def load_pretrained(spec: str, state: DetState) -> tuple[DetState, str]:
+  """The trunk and FC layers of a `det_trunk` classification run.
+
+  The classifier's `trunk/*` (weights and BatchNorm statistics) and `fc/fc*`
+  go to the detector's `trunk/*` and `head/fc*`; its class `head` is left
+  out (the detector has K + 1 classes and box deltas), as is the RPN.
+
+  Raises:
+    CheckpointError: no such run, another model, or a name or shape mismatch
+      (all listed; nothing is loaded).
+  """
+  directory, which = transfer.parse_init_from(spec)
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    step = ckpt.resolve(which)
+    model = ckpt.read_meta(step).get('model')
+    if model != PRETRAINED_MODEL:
+      raise CheckpointError(
+          f"init_from='{spec}' holds a '{model}' checkpoint; detectors start "
+          f"from a '{PRETRAINED_MODEL}' classifier: python -m "
+          'experiments.train --config=configs/cifar10.py:det_trunk ...')
+    saved = transfer._restore_raw(ckpt, step)  # pylint: disable=protected-access
+  finally:
+    ckpt.close()
+  rename = {'trunk': 'trunk', 'fc': 'head'}
+  got_p = {rename[p.split('/')[0]] + p[p.index('/'):]: v
+           for p, v in transfer.flat_paths(saved['params']).items()
+           if p.split('/')[0] in rename}
+  got_s = {p: v for p, v in transfer.flat_paths(saved['batch_stats']).items()
+           if p.startswith('trunk/')}
+  want_p = {p: v for p, v in transfer.flat_paths(state.params).items()
+            if p.startswith('trunk/') or p.startswith('head/fc')}
+  want_s = transfer.flat_paths(state.batch_stats)
+  lines = (transfer.mismatches(got_p, want_p, 'params')
+           + transfer.mismatches(got_s, want_s, 'batch_stats'))
+  if lines:
+    raise CheckpointError(
+        f"init_from='{spec}' (step {step}) does not fit this detector: "
+        f'{len(lines)} mismatches, nothing loaded; pretrain det_trunk with '
+        'the same widths\n  ' + '\n  '.join(lines))
+  take = lambda got: lambda p, fresh: (
+      np.asarray(got[p], np.asarray(fresh).dtype) if p in got else fresh)
+  params = transfer._map_paths(take(got_p), state.params)  # pylint: disable=protected-access
+  stats = transfer._map_paths(take(got_s), state.batch_stats)  # pylint: disable=protected-access
+  message = (f'init_from: loaded {len(got_p)} parameter arrays and '
+             f'{len(got_s)} BatchNorm statistics (trunk, fc layers) from step '
+             f'{step} of {directory}')
+  return state.replace(params=params, batch_stats=stats), message
+
+
 def _meta(config, state) -> dict:
   dataset = config.get('dataset', 'synthetic')
   return {'model': f'detector/{config.kind}',
@@ -768,6 +805,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state = ckpt.restore(ckpt.latest_step(), state, meta=meta)
     print(f'resuming from step {int(state.step)} in {workdir}', flush=True)
+  elif config.get('init_from', ''):
+    state, message = load_pretrained(config.init_from, state)
+    print(message, flush=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
 

@@ -108,6 +108,11 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.test.max_detections = 50
   c.test.rcnn_chunk = 64  # R-CNN: proposals per network call
 
+  # A `det_trunk` CIFAR classification run whose trunk and FC layers the
+  # detector starts from (the lecture's "pretrain on classification"):
+  #   python -m experiments.train --config=configs/cifar10.py:det_trunk \
+  #     --workdir=runs/det_trunk --config.num_train_steps=4000
+  c.init_from = ''
   c.batch_size = 8  # canvases per step
   c.num_train_steps = 2000
   c.seed = 0

@@ -271,3 +271,50 @@ def test_voc_images_objects_and_difficult_flags_and_missing_voc(tmp_path):
   c = tiny_config('faster_rcnn', dataset='voc', data_dir=str(tmp_path))
   with pytest.raises(DataError, match=r"voc/2007.*not readable.*tfds build"):
     det.train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+def test_detector_starts_from_a_pretrained_det_trunk_classifier(tmp_path):
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from cnn import checkpointing  # pylint: disable=g-import-not-at-top
+  from cnn import optim  # pylint: disable=g-import-not-at-top
+  from cnn import transfer  # pylint: disable=g-import-not-at-top
+  from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
+
+  def pretrain(name, model='det_trunk', **kwargs):
+    c = small_config(model, steps=2, tensorboard=False)
+    c.model_kwargs = config_dict.ConfigDict(kwargs)
+    with tfds.testing.mock_data(num_examples=16):
+      train_lib.train_and_evaluate(c, str(tmp_path / name))
+    return str(tmp_path / name)
+
+  # Three stages: stride 8, so a 32x32 image leaves the detector's 4x4 RoI
+  # grid and the FC layers fit.
+  good = pretrain('good', widths=(8, 16, 16), fc_widths=(32,))
+  c = tiny_config('fast_rcnn', init_from=good)
+  c.detector.widths = (8, 16, 16)
+  model, spec = det.make_model(c, 10)
+  fresh = det.init_state(model, optim.make_optimizer(c), c.seed, spec)
+  state, message = det.load_pretrained(good, fresh)
+  # 6 conv kernels + 6 BN (scale, bias) + fc1 (kernel, bias) = 20 arrays.
+  assert 'loaded 20 parameter arrays and 12 BatchNorm statistics' in message
+  ckpt = checkpointing.Checkpointer(os.path.join(good, 'checkpoints'),
+                                    read_only=True)
+  saved = transfer._restore_raw(ckpt, 2)  # pylint: disable=protected-access
+  ckpt.close()
+  np.testing.assert_array_equal(
+      state.params['trunk']['conv2_1']['kernel'],
+      saved['params']['trunk']['conv2_1']['kernel'])
+  np.testing.assert_array_equal(state.params['head']['fc1']['kernel'],
+                                saved['params']['fc']['fc1']['kernel'])
+  np.testing.assert_array_equal(state.batch_stats['trunk']['bn1_1']['var'],
+                                saved['batch_stats']['trunk']['bn1_1']['var'])
+  # The class and box layers keep their fresh initialisation.
+  np.testing.assert_array_equal(state.params['head']['cls']['kernel'],
+                                fresh.params['head']['cls']['kernel'])
+  with pytest.raises(CheckpointError, match=r'(?s)11 mismatches, nothing loaded.*'
+                     r'trunk/conv2_1/kernel: checkpoint shape \[3, 3, 8, 32\]'):
+    det.load_pretrained(pretrain('wide', widths=(8, 32, 16), fc_widths=(32,)),
+                        fresh)
+  with pytest.raises(CheckpointError, match="'cifar_resnet8' checkpoint"):
+    det.load_pretrained(pretrain('resnet', 'cifar_resnet8'), fresh)

@@ -12,6 +12,7 @@ Names:
   resnet18/34/50/101/152, plain18/34, resnet_tiny
   cifar_resnet{6n+2}, cifar_plain{6n+2} (any n >= 1; 8 is the tiny one)
   lenet5
+  det_trunk (the detectors' trunk + FC layers as a CIFAR classifier)
   overfeat_fast, overfeat_accurate, cifar_fcnet (OverFeat-shaped, 32x32),
     overfeat_tiny (OverFeat-shaped, 64x64 canvases)
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from cnn.models.alexnet import AlexNet
 from cnn.models.cifar import CifarResNet, blocks_per_stage
+from cnn.models.detnet import TrunkClassifier
 from cnn.models.lenet import LeNet5
 from cnn.models import overfeat as _overfeat
 from cnn.models.overfeat import OverFeat
@@ -84,6 +86,8 @@ _VARIANTS: dict[str, _Variant] = {
     'cifar_fcnet': _Variant(
         OverFeat, dict(layers=_overfeat.CIFAR_FC, fc_widths=(256, 256),
                        dropout_rate=0.0), _CIFAR, 10),
+    # The detectors' trunk as a CIFAR classifier (cnn.models.detnet).
+    'det_trunk': _Variant(TrunkClassifier, {}, _CIFAR, 10),
     'overfeat_tiny': _Variant(
         OverFeat, dict(layers=_overfeat.TINY64, fc_widths=(256, 256),
                        dropout_rate=0.0), (64, 64, 3), 10),
