@@ -75,7 +75,7 @@ def main(argv):
   def run():
     import numpy as np  # pylint: disable=g-import-not-at-top
     from cnn import synthetic_detection  # pylint: disable=g-import-not-at-top
-    from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+    from cnn.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
 
     canvas = _CANVAS.value
     if canvas < 32 or _NUM_IMAGES.value < 1:
@@ -83,10 +83,14 @@ def main(argv):
                         f'{_NUM_IMAGES.value} must be at least 32 and 1')
     # The default object range (24..64 on 128) scaled to the canvas.
     min_size, max_size = round(canvas * 3 / 16), canvas // 2
-    data = synthetic_detection.load(
-        _SOURCE.value, _SPLIT.value, _DATA_DIR.value, canvas=canvas,
-        seed=_SEED.value, num_examples=_NUM_IMAGES.value, min_size=min_size,
-        max_size=max_size).materialize()
+    try:
+      data = synthetic_detection.load(
+          _SOURCE.value, _SPLIT.value, _DATA_DIR.value, canvas=canvas,
+          seed=_SEED.value, num_examples=_NUM_IMAGES.value,
+          min_size=min_size, max_size=max_size).materialize()
+    except DataError as e:  # the library's advice names the config field
+      raise DataError(str(e).replace('--config.data_dir', '--data_dir')
+                      ) from None
     sizes = tuple(np.geomspace(min_size, max_size, 4))
     rows = measure(data.images, data.boxes, data.valid, sizes,
                    _PROCESSES.value, _SEED.value)
