@@ -55,7 +55,8 @@ from cnn import proposals as proposals_lib
 from cnn import synthetic_detection as synth
 from cnn import transfer
 from cnn.errors import CheckpointError, ConfigError
-from cnn.models.common import Dtype, he_normal
+from cnn.models.common import Dtype
+from cnn.models.detnet import FCLayers
 from cnn.models.detnet import Trunk
 from cnn.ops import boxes as box_ops
 from cnn.ops import roi as roi_ops
@@ -106,12 +107,9 @@ class RoIHead(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    # `fc1`, `fc2`, ... named as in `detnet.FCLayers`, so that a pretrained
-    # `det_trunk` classifier's `fc/fc*` load here (`load_pretrained`).
-    x = x.reshape(x.shape[0], -1)
-    for i, width in enumerate(self.widths):
-      x = nn.relu(nn.Dense(width, kernel_init=he_normal, dtype=self.dtype,
-                           name=f'fc{i + 1}')(x))
+    # The same `fc` module as the `det_trunk` classifier's, so that its
+    # pretrained FC layers load here (`load_pretrained`).
+    x = FCLayers(tuple(self.widths), self.dtype, name='fc')(x)
     logits = nn.Dense(self.num_classes + 1, kernel_init=_CLS_INIT,
                       dtype=self.dtype, name='cls')(x)
     deltas = nn.Dense(4 * self.num_classes, kernel_init=_BOX_INIT,
@@ -725,7 +723,7 @@ def load_pretrained(spec: str, state: DetState) -> tuple[DetState, str]:
   """The trunk and FC layers of a `det_trunk` classification run.
 
   The classifier's `trunk/*` (weights and BatchNorm statistics) and `fc/fc*`
-  go to the detector's `trunk/*` and `head/fc*`; its class `head` is left
+  go to the detector's `trunk/*` and `head/fc/*`; its class `head` is left
   out (the detector has K + 1 classes and box deltas), as is the RPN.
 
   Raises:
@@ -745,14 +743,14 @@ def load_pretrained(spec: str, state: DetState) -> tuple[DetState, str]:
     saved = transfer._restore_raw(ckpt, step)  # pylint: disable=protected-access
   finally:
     ckpt.close()
-  rename = {'trunk': 'trunk', 'fc': 'head'}
-  got_p = {rename[p.split('/')[0]] + p[p.index('/'):]: v
+  prefix = {'trunk': '', 'fc': 'head/'}
+  got_p = {prefix[p.split('/')[0]] + p: v
            for p, v in transfer.flat_paths(saved['params']).items()
-           if p.split('/')[0] in rename}
+           if p.split('/')[0] in prefix}
   got_s = {p: v for p, v in transfer.flat_paths(saved['batch_stats']).items()
            if p.startswith('trunk/')}
   want_p = {p: v for p, v in transfer.flat_paths(state.params).items()
-            if p.startswith('trunk/') or p.startswith('head/fc')}
+            if p.startswith('trunk/') or p.startswith('head/fc/')}
   want_s = transfer.flat_paths(state.batch_stats)
   lines = (transfer.mismatches(got_p, want_p, 'params')
            + transfer.mismatches(got_s, want_s, 'batch_stats'))

@@ -305,7 +305,7 @@ def test_detector_starts_from_a_pretrained_det_trunk_classifier(tmp_path):
   np.testing.assert_array_equal(
       state.params['trunk']['conv2_1']['kernel'],
       saved['params']['trunk']['conv2_1']['kernel'])
-  np.testing.assert_array_equal(state.params['head']['fc1']['kernel'],
+  np.testing.assert_array_equal(state.params['head']['fc']['fc1']['kernel'],
                                 saved['params']['fc']['fc1']['kernel'])
   np.testing.assert_array_equal(state.batch_stats['trunk']['bn1_1']['var'],
                                 saved['batch_stats']['trunk']['bn1_1']['var'])
