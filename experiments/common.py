@@ -28,7 +28,8 @@ def run(fn, *args, **kwargs):
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with a bad `--config.FIELD=VALUE` as one line.
+  """absl's flag parsing, with a bad `--config=FILE:ARG` or
+  `--config.FIELD=VALUE` as one line.
 
   ml_collections' config flags raise a bare AttributeError/KeyError/
   ValueError/TypeError (with a traceback) for an unknown field or a value of
@@ -36,9 +37,15 @@ def parse_flags(argv):
   absl's own usage errors.
   """
   try:
-    return app.parse_flags_with_usage(argv)
-  except flags.Error:
-    raise
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if 'Error whilst parsing config file' not in str(e):
+      return app.parse_flags_with_usage(argv)  # absl's usage message, exit 1
+    # get_config raised (e.g. an unknown preset): its message is the last line
+    # of the traceback ml_collections folds into the flag error.
+    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    print(f'error: bad --config: {last.split(": ", 1)[-1]}', file=sys.stderr)
+    sys.exit(2)
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
     if len(message) > 1 and message[0] == message[-1] and message[0] in '\'"':

@@ -218,3 +218,17 @@ def test_misspelt_config_override_is_one_line_and_writes_nothing(tmp_path):
   assert lines == [lines[0]] and 'Did you mean "lr_schedule"' in lines[0]
   assert 'Traceback' not in proc.stderr
   assert not work.exists()
+
+
+def test_unknown_config_preset_is_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train',
+       '--config=configs/detection.py:yolo', f'--workdir={tmp_path / "r"}'],
+      cwd=root, capture_output=True, text=True)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
+      "error: bad --config: unknown preset 'yolo'; use one of rcnn, "
+      "fast_rcnn, faster_rcnn, optionally followed by ',local'"]
