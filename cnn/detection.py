@@ -346,12 +346,10 @@ def init_state(model: Detector, tx, seed: int, spec: Spec) -> DetState:
                   tx.init(params), rng)
 
 
-def _flip(x, boxes, flip, canvas):
-  """Mirrors images where `flip` and boxes (B, N, 4) with them."""
-  x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+def _flip_boxes(boxes, flip, canvas):
+  """Mirrors boxes (B, N, 4) of the images where `flip` (B,)."""
   new_x = canvas - boxes[..., 0] - boxes[..., 2]
-  return x, boxes.at[..., 0].set(jnp.where(flip[:, None], new_x,
-                                           boxes[..., 0]))
+  return boxes.at[..., 0].set(jnp.where(flip[:, None], new_x, boxes[..., 0]))
 
 
 def _pool(f, rois, spec: Spec):
@@ -382,9 +380,10 @@ def make_train_step(model: Detector, tx, schedule, config, spec: Spec):
     props = batch.get('proposals')
     if flip_aug:
       flip = jax.random.bernoulli(flip_rng, 0.5, (b,))
-      x, gt_boxes = _flip(x, gt_boxes, flip, spec.canvas)
+      x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+      gt_boxes = _flip_boxes(gt_boxes, flip, spec.canvas)
       if props is not None:
-        _, props = _flip(x, props, flip, spec.canvas)
+        props = _flip_boxes(props, flip, spec.canvas)
     roi_keys = jax.random.split(roi_rng, b)
 
     def loss_fn(params):
@@ -817,10 +816,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     if start < total:
       step_fn = make_train_step(model, tx, schedule, config, spec)
-      batches = input_pipeline.TrainBatches(
-          input_pipeline.ArrayData(np.empty((len(data.train), 0)),
-                                   np.zeros(len(data.train), np.int32)),
-          config.batch_size, config.seed)
+      batches = input_pipeline.TrainBatches(data.train, config.batch_size,
+                                            config.seed)
       progress = metric_writers.Progress(total, start, config.batch_size)
       window = []
       for step in range(start, total):

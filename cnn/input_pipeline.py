@@ -239,6 +239,8 @@ class TrainBatches:
   """
 
   def __init__(self, data: ArrayData, batch_size: int, seed: int):
+    """`data` needs only a length for `indices` (any dataset of examples,
+    e.g. detection canvases); `batch` reads an ArrayData's arrays."""
     if batch_size > len(data):
       raise DataError(f'batch_size={batch_size} exceeds the {len(data)} '
                       'training examples; lower --config.batch_size')

@@ -474,10 +474,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     if start < total:
       step_fn = make_train_step(model, tx, schedule, config, stage)
-      batches = input_pipeline.TrainBatches(
-          input_pipeline.ArrayData(np.empty((len(data.train.labels), 0)),
-                                   data.train.labels),
-          config.batch_size, config.seed)
+      batches = input_pipeline.TrainBatches(data.train, config.batch_size,
+                                            config.seed)
       progress = metric_writers.Progress(total, start, config.batch_size)
       window = []
       for step in range(start, total):
