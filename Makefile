@@ -4,6 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/tfds
+# The prepared JPEG copy of CIFAR-10 where it exists; elsewhere TFDS's own
+# cifar10, downloaded into TFDS's default data_dir on first use.
+ifneq ($(wildcard $(DATA_DIR)/cifar10_jpeg),)
+DATA_FLAGS ?= --config.dataset=cifar10_jpeg --config.data_dir=$(DATA_DIR)
+else
+DATA_FLAGS ?= --config.dataset=cifar10
+endif
 MODEL ?= cifar_resnet20
 WORKDIR ?= runs/$(MODEL)
 
@@ -18,13 +25,13 @@ setup: $(VENV)/.installed
 
 train: setup
 	$(PY) -m experiments.train --config=configs/cifar10.py:$(MODEL) --workdir=$(WORKDIR) \
-	  --config.dataset=cifar10_jpeg --config.data_dir=$(DATA_DIR)
+	  $(DATA_FLAGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
 
 summary: setup
-	$(PY) -m cnn.summary $(MODEL)
+	$(PY) -m cnn.tools.summary $(MODEL)
 
 clean:
 	rm -rf $(VENV) runs

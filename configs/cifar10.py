@@ -17,18 +17,18 @@ CIFAR-10; the JPEG copy costs a little). 300 steps reach about 50 % (chance is
 """
 from ml_collections import config_dict
 
+from configs import common
+
 
 def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
+  """Held-out metric: top-1 `error` on `test` (and `val` with
+  val_examples); the best checkpoint is the lowest val (else test) error."""
   c = config_dict.ConfigDict()
+  c.task = 'classification'
   c.model = arg or 'cifar_resnet20'
   c.model_kwargs = config_dict.ConfigDict()  # e.g. {'shortcut': 'B'}
   c.num_classes = 0  # 0: the dataset's.
   c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
-
-  # Transfer learning (cnn/transfer.py); applied only when a run starts fresh.
-  c.init_from = ''  # 'runs/pre', 'runs/pre:best', 'runs/pre:2000'.
-  c.freeze = ''  # 'trunk', 'stem,stage1', 'head', 're:^stage1/'.
-  c.new_head = False  # Re-initialise `head` even when its shape fits.
 
   c.dataset = 'cifar10'
   c.data_dir = config_dict.placeholder(str)
@@ -43,30 +43,10 @@ def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
   # 0..k-1 in this order, e.g. (5, 6, 7, 8, 9); () keeps all classes.
   c.classes = ()
   c.train_examples_per_class = 0  # N > 0: the first N of each class only.
-
-  c.batch_size = 128
   c.eval_batch_size = 500
-  c.num_train_steps = 64_000
-  c.seed = 0
 
-  c.learning_rate = 0.1
-  c.lr_schedule = 'step'  # 'plateau', 'cosine', 'constant'
-  c.lr_milestones = (32_000, 48_000)
-  c.lr_factor = 0.1
-  c.plateau = config_dict.ConfigDict(dict(
-      monitor='val', patience=5, threshold=1e-3, threshold_mode='abs',
-      cooldown=0, min_lr=1e-4))
-  c.warmup_steps = 0  # He et al. use 0.01 for ~400 steps for ResNet-110.
-  c.warmup_lr = 0.01
-  c.warmup = 'constant'  # or 'linear'
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 1e-4
-  c.decay_bn_and_bias = True
-
-  c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 1000
-  c.log_every_steps = 100
-  c.keep_checkpoints = 2
-  c.tensorboard = True
-  return c
+  # He et al. use 0.01 warm-up for ~400 steps for ResNet-110 only.
+  return common.add_training_fields(
+      c, batch_size=128, num_train_steps=64_000, learning_rate=0.1,
+      weight_decay=1e-4, lr_schedule='step', lr_milestones=(32_000, 48_000),
+      warmup_lr=0.01)

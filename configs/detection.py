@@ -13,7 +13,7 @@ steps on a few canvases (a quick check):
 runs/det_fast_rcnn,runs/det_faster_rcnn --picture=runs/detections.png
 
 Data: 1-4 CIFAR-10 images (24-64 px, aspect 3:4..4:3, pairwise IoU <= 0.1)
-pasted on 128x128 noise canvases (`cnn.synthetic_detection`), 10 classes.
+pasted on 128x128 noise canvases (`cnn.data.synthetic_detection`), 10 classes.
 The three share the trunk (3 stages of 2 x conv3x3-BN-ReLU + max-pool, 16/
 32/64 channels, stride 8) and the head (2 FC-256, 11-way softmax, class-
 specific box deltas): R-CNN warps each proposal to 32x32 pixels, Fast R-CNN
@@ -35,7 +35,8 @@ test image side by side (selective search is ~74 ms of the first two).
 """
 from ml_collections import config_dict
 
-KINDS = ('rcnn', 'fast_rcnn', 'faster_rcnn')
+from cnn.tasks.detection.model import KINDS
+from configs import common
 
 
 def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
@@ -45,7 +46,7 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
     raise ValueError(f"unknown preset '{arg}'; use one of "
                      f"{', '.join(KINDS)}, optionally followed by ',local'")
   c = config_dict.ConfigDict()
-  c.task = 'detection'  # experiments.train dispatches on this
+  c.task = 'detection'
   c.kind = kind
 
   c.dataset = 'synthetic'  # or 'voc': TFDS voc/2007 resized to the canvas
@@ -55,7 +56,10 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.test_split = 'test'
   c.train_examples = 5000  # canvases
   c.test_examples = 500
-  c.eval_examples = 100  # the in-training evaluations
+  # Held out (mAP@0.5 on `val`, the checkpoint-picking split): canvases of
+  # the val_examples source images after the first train_examples (none
+  # for voc).
+  c.val_examples = 100
   c.canvas = 128
   c.min_objects, c.max_objects = 1, 4
   c.min_size, c.max_size = 24, 64
@@ -79,15 +83,15 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.proposals.cache_dir = 'runs/detection_cache'
   c.proposals.processes = 2
 
-  c.train = config_dict.ConfigDict()
-  c.train.rois_per_image = 32
-  c.train.fg_fraction = 0.25
-  c.train.fg_iou = 0.5
+  c.roi = config_dict.ConfigDict()  # Fast R-CNN's RoI sampling
+  c.roi.rois_per_image = 32
+  c.roi.fg_fraction = 0.25
+  c.roi.fg_iou = 0.5
   # Background regions: IoU in [bg_iou, fg_iou). The papers use 0.1 (a
   # crude hard-negative mining on VOC); here pure-background proposals are
   # most of what the detector sees at test time, so it learns them too.
-  c.train.bg_iou = 0.0
-  c.train.box_weight = 1.0
+  c.roi.bg_iou = 0.0
+  c.roi.box_weight = 1.0
 
   c.rpn = config_dict.ConfigDict()
   c.rpn.anchors_per_image = 128
@@ -102,42 +106,27 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.rpn.nms_iou = 0.7
   c.rpn.min_size = 4.0
 
-  c.test = config_dict.ConfigDict()
-  c.test.score_threshold = 0.05
-  c.test.nms_iou = 0.3
-  c.test.per_class = 20
-  c.test.max_detections = 50
-  c.test.rcnn_chunk = 64  # R-CNN: proposals per network call
+  c.inference = config_dict.ConfigDict()  # scores, per-class NMS
+  c.inference.score_threshold = 0.05
+  c.inference.nms_iou = 0.3
+  c.inference.per_class = 20
+  c.inference.max_detections = 50
+  c.inference.rcnn_chunk = 64  # R-CNN: proposals per network call
 
-  # A `det_trunk` CIFAR classification run whose trunk and FC layers the
-  # detector starts from (the lecture's "pretrain on classification"):
+  # init_from: a `det_trunk` CIFAR classification run whose trunk and FC
+  # layers the detector starts from (the lecture's "pretrain on
+  # classification"):
   #   python -m experiments.train --config=configs/cifar10.py:det_trunk \
   #     --workdir=runs/det_trunk --config.num_train_steps=4000
-  c.init_from = ''
-  c.batch_size = 8  # canvases per step
-  c.num_train_steps = 2000
-  c.seed = 0
-  c.learning_rate = 0.02
-  c.lr_schedule = 'cosine'
-  c.lr_milestones = ()
-  c.lr_factor = 0.1
-  c.warmup_steps = 200
-  c.warmup_lr = 0.0
-  c.warmup = 'linear'
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 5e-4
-  c.decay_bn_and_bias = False
-
-  c.log_every_steps = 50
-  c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 2
-  c.tensorboard = True
+  common.add_training_fields(
+      c, batch_size=8, num_train_steps=2000, learning_rate=0.02,
+      weight_decay=5e-4, lr_schedule='cosine', warmup_steps=200,
+      warmup='linear', decay_bn_and_bias=False, eval_every_steps=1000,
+      checkpoint_every_steps=500, log_every_steps=50)
   if local:
     c.train_examples = 64
     c.test_examples = 8
-    c.eval_examples = 4
+    c.val_examples = 4
     c.num_train_steps = 6
     c.batch_size = 4
     c.warmup_steps = 0

@@ -11,13 +11,18 @@ The lecture's three-step recipe, one preset per step (the argument):
 
 Commands (about 3 + 2 minutes of a 2-core CPU for the first two):
 
-  python -m experiments.localize --config=configs/localization.py:classify \
+  python -m experiments.train --config=configs/localization.py:classify \
     --workdir=runs/loc_classify
-  python -m experiments.localize --config=configs/localization.py:regress \
+  python -m experiments.train --config=configs/localization.py:regress \
     --workdir=runs/loc_regress --config.init_from=runs/loc_classify
-  python -m experiments.localize --config=configs/localization.py:both \
-    --workdir=runs/loc_both --config.init_from=runs/loc_regress \
+  python -m experiments.train --config=configs/localization.py:both \
+    --workdir=runs/loc_both --config.init_from=runs/loc_regress
+  python -m experiments.evaluate --workdir=runs/loc_both \
     --picture=runs/loc_both/picture.png
+
+Held-out metric: `loc_error` on `test` (ILSVRC localization error of the
+single centred window: wrong class or IoU < 0.5); the last evaluation adds
+multi-scale dense evaluation (`dense_*`).
 
 Expected: the box head reaches a mean IoU well above the mean-box baseline
 (about 0.4 on this data); see the README for measured numbers. The source
@@ -27,6 +32,8 @@ defaults to `cifar10_jpeg` in ../shared/data/tfds; `--config.source=cifar10
 """
 from ml_collections import config_dict
 
+from configs import common
+
 PRESETS = ('classify', 'regress', 'both', 'joint', 'local')
 
 
@@ -35,6 +42,7 @@ def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset '{arg}'; use one of {', '.join(PRESETS)}")
   c = config_dict.ConfigDict()
+  c.task = 'localization'
   c.stage = 'joint' if arg == 'local' else arg
   c.model = 'overfeat_tiny'  # any registry model with an FC head
   c.model_kwargs = config_dict.ConfigDict()
@@ -53,34 +61,20 @@ def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
   c.background = 'noise'
   c.flip = True
 
-  c.batch_size = 64
   c.eval_batch_size = 250
-  c.num_train_steps = {'classify': 1200, 'regress': 800, 'both': 0,
-                       'joint': 1500, 'local': 20}[arg]
-  c.seed = 0
-  c.init_from = ''
-  c.learning_rate = 0.01
-  c.lr_schedule = 'cosine'
-  c.lr_milestones = ()
-  c.lr_factor = 0.1
-  c.warmup_steps = 0
-  c.warmup_lr = 0.0
-  c.warmup = 'linear'
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 5e-4
-  c.decay_bn_and_bias = False
+  common.add_training_fields(
+      c, batch_size=64, learning_rate=0.01, weight_decay=5e-4,
+      num_train_steps={'classify': 1200, 'regress': 800, 'both': 0,
+                       'joint': 1500, 'local': 20}[arg],
+      lr_schedule='cosine', warmup='linear', decay_bn_and_bias=False,
+      plateau_monitor='test', eval_every_steps=500,
+      checkpoint_every_steps=500, log_every_steps=50)
 
   c.scales = (1.0, 1.25, 1.5)  # dense evaluation; 1.0 = the training size
   c.merge = 'greedy'  # or 'nms'
   c.merge_threshold = 0.5
   c.dense_eval = True
 
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 2
-  c.tensorboard = True
   if arg == 'local':
     c.train_examples = 512
     c.test_examples = 100

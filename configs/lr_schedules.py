@@ -29,7 +29,7 @@ for F in the factors and P in the patiences of the preset. The argument is
 """
 from ml_collections import config_dict
 
-from cnn import sweeps
+from cnn.tools import sweeps
 from configs import cifar10
 
 PRESETS = {

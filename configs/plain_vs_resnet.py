@@ -40,7 +40,7 @@ test error rise with depth. One member alone, e.g.:
 """
 from ml_collections import config_dict
 
-from cnn import sweeps
+from cnn.tools import sweeps
 from configs import cifar10
 
 PRESETS = {

@@ -1,13 +1,13 @@
 r"""Speed and memory of training and evaluation for one model.
 
   python -m experiments.benchmark --config=configs/cifar10.py:cifar_resnet20 \
-    [--batch-size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
+    [--batch_size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
     [--compare=dtype|fusion]
 
 prints a table: compile time, train images/s (median of --steps steps after
 warm-up, on synthetic uint8 batches through the library's real train step:
 on-device crop/flip, forward, backward, SGD), eval images/s, peak memory,
-FLOPs per image (forward, `cnn.summary`) and the achieved GFLOP/s of
+FLOPs per image (forward, `cnn.tools.summary`) and the achieved GFLOP/s of
 training (3x forward: forward + two backward convolutions), then the input
 pipeline's own rate (`TrainBatches` + host->device copy on the real
 `cifar10_jpeg` when present) and its ratio to the training rate.
@@ -17,7 +17,7 @@ needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
 bfloat16 side by side; `--compare=fusion` the train step compiled with
 XLA:CPU's default fusion against the library's default
-(`cnn.steps.default_compiler_options`). Variants are timed round-robin, one
+(`cnn.training.step.default_compiler_options`). Variants are timed round-robin, one
 step each per round, so that load from other processes hits them alike.
 """
 from __future__ import annotations
@@ -33,9 +33,9 @@ from experiments import common
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/cifar10.py:MODEL.',
     lock_config=True)
-_BATCH = flags.DEFINE_integer('batch-size', None, 'Training batch (default: '
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Training batch (default: '
                               "the config's).")
-_EVAL_BATCH = flags.DEFINE_integer('eval-batch-size', None, 'Eval batch '
+_EVAL_BATCH = flags.DEFINE_integer('eval_batch_size', None, 'Eval batch '
                                    "(default: the config's).")
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.')
@@ -43,19 +43,19 @@ _DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
                            "Compute dtype (default: the config's).")
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference '
                            'and print the ratio.')
-_CHANNELS_LAST = flags.DEFINE_bool('torch-channels-last', False,
+_CHANNELS_LAST = flags.DEFINE_bool('torch_channels_last', False,
                                    'PyTorch in channels-last memory format.')
 _COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion'],
                              'Two JAX variants side by side: float32 vs '
                              'bfloat16, or XLA default fusion vs the '
                              "library's CPU options.")
-_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline-batches', 200, 'Batches '
+_PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'Batches '
                                          'timed for the input pipeline (0: '
                                          'skip).')
 _DATASET = flags.DEFINE_string('dataset', 'cifar10_jpeg', 'TFDS dataset for '
                                'the input-pipeline rate (random images when '
                                'it is absent).')
-_DATA_DIR = flags.DEFINE_string('data-dir', '../shared/data/tfds', 'TFDS '
+_DATA_DIR = flags.DEFINE_string('data_dir', '../shared/data/tfds', 'TFDS '
                                 'data_dir of --dataset.')
 flags.mark_flags_as_required(['config'])
 
@@ -82,8 +82,8 @@ def _print_table(header, rows):
 
 def _pipeline_data(config, image_shape, num_classes):
   """The real training split when it is on disk, else random images."""
-  from cnn import benchmarking  # pylint: disable=g-import-not-at-top
-  from cnn import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cnn.tools import benchmarking  # pylint: disable=g-import-not-at-top
+  from cnn.data import input_pipeline  # pylint: disable=g-import-not-at-top
   data_dir = os.path.expanduser(_DATA_DIR.value)
   if os.path.isdir(os.path.join(data_dir, _DATASET.value)):
     data = input_pipeline.load_arrays(_DATASET.value, config.train_split,
@@ -99,17 +99,23 @@ def benchmark(config):
   import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cnn import benchmarking as bm  # pylint: disable=g-import-not-at-top
-  from cnn import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from cnn.train import validate_config  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  validate_config(config)
+  task = tasks.get(config)
+  if task.name != 'classification':
+    raise ConfigError(f"the benchmark times classifiers; task='{task.name}' "
+                      'is not one: use a configs/cifar10.py model')
+  loop.validate_config(config, task)
 
-  bs = _BATCH.value or config.batch_size
-  ebs = _EVAL_BATCH.value or config.eval_batch_size
+  bs = config.batch_size if _BATCH.value is None else _BATCH.value
+  ebs = (config.eval_batch_size if _EVAL_BATCH.value is None
+         else _EVAL_BATCH.value)
   if bs < 1 or ebs < 1 or _STEPS.value < 1:
-    raise ConfigError('--batch-size, --eval-batch-size and --steps must be '
+    raise ConfigError('--batch_size, --eval_batch_size and --steps must be '
                       'positive')
   dtype = _DTYPE.value or config.get('dtype', 'float32')
 
@@ -121,7 +127,7 @@ def benchmark(config):
     variants = {'jax xla-default': dict(dtype=dtype, compiler_options=None),
                 'jax cnn-default': dict(
                     dtype=dtype,
-                    compiler_options=steps_lib.default_compiler_options())}
+                    compiler_options=step_lib.default_compiler_options())}
   else:
     variants = {f'jax {dtype}': dict(dtype=dtype)}
   setups = {name: bm.jax_setup(config, bs, ebs, **kw)

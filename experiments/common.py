@@ -1,6 +1,7 @@
 """What every experiment script does around its work: quiet logs, one-line
 errors."""
 import os
+import re
 import sys
 
 # Before TensorFlow is imported anywhere: hide its C++ INFO/WARNING chatter.
@@ -39,6 +40,10 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    bad = _mistyped_override(e, argv)
+    if bad:
+      print(f'error: bad --config override: {bad}', file=sys.stderr)
+      sys.exit(2)
     if 'Error whilst parsing config file' not in str(e):
       return app.parse_flags_with_usage(argv)  # absl's usage message, exit 1
     # get_config raised (e.g. an unknown preset): its message is the last line
@@ -53,3 +58,33 @@ def parse_flags(argv):
     print(f'error: bad --config override: {message} (the fields and their '
           'types are those of the config file)', file=sys.stderr)
     sys.exit(2)
+
+
+def _mistyped_override(error, argv) -> str | None:
+  """The message for `--config.FIELD=VALUE` whose VALUE is not of FIELD's
+  type: ml_collections then leaves the flag undefined, and absl reports an
+  unknown flag (or, on a second parse, one defined twice)."""
+  name = getattr(error, 'flagname', None) or ''
+  if isinstance(error, flags.IllegalFlagValueError):
+    match = re.search(r'--(config\.[\w.]+)=', str(error))
+    name = match.group(1) if match else ''
+  if not name.startswith('config.'):
+    return None
+  field = name[len('config.'):]
+  value = next((a.split('=', 1)[1] for a in argv
+                if a.startswith(f'--{name}=')), None)
+  if value is None:
+    return None
+  kind = 'the type of the field in the config file'
+  try:
+    from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+    spec = next(a.split('=', 1)[1] for a in argv if a.startswith('--config='))
+    path, _, arg = spec.partition(':')
+    node = sweeps.load_module(path).get_config(arg or None)
+    for part in field.split('.'):
+      node = node[part]
+    t = type(node).__name__
+    kind = f"{'an' if t[0] in 'aeiou' else 'a'} {t}, like its value {node!r}"
+  except Exception:  # pylint: disable=broad-except
+    pass  # The plain message below is still right.
+  return f"--{name}={value}: '{value}' is not {kind}"

@@ -30,7 +30,7 @@ flags.mark_flags_as_required(['workdirs'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cnn import detection_report  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import report as detection_report  # pylint: disable=g-import-not-at-top
 
   def run():
     print(detection_report.comparison_table(_WORKDIRS.value,

@@ -1,8 +1,12 @@
-r"""Restores a run's checkpoint and prints its loss and error (detection
-runs: mAP@0.5 and time per test image).
+r"""Restores any task's checkpoint and prints its held-out metrics.
 
   python -m experiments.evaluate --workdir=runs/r20 [--split=test] \
-    [--checkpoint=latest|best|STEP]
+    [--checkpoint=latest|best|STEP] [--picture=PNG]
+
+Classification: loss and top-1 error; localization: class error, mean IoU,
+localization error, single-window and multi-scale dense; detection: mAP@0.5,
+proposal recall and time per image. --picture draws the checkpoint's
+predictions on test images (localization, detection).
 """
 from absl import app
 from absl import flags
@@ -13,22 +17,27 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run folder.')
 _SPLIT = flags.DEFINE_string('split', 'test', 'Held-out split: test or val.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', 'latest',
                                   'latest, best or a step number.')
+_PICTURE = flags.DEFINE_string('picture', None,
+                               'Also draw predictions on test images to '
+                               'this PNG.')
 flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cnn import train  # pylint: disable=g-import-not-at-top
-  r = common.run(train.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
-                 _CHECKPOINT.value)
-  if 'map' in r:  # a detection run
-    print(f"step {r['step']} {_SPLIT.value}: mAP@0.5 {r['map']:.4f}, "
-          f"{r['seconds_per_image'] * 1000:.1f} ms per image "
-          f"({r['examples']:.0f} images)")
-    return
-  print(f"step {r['step']} {_SPLIT.value}: loss {r['loss']:.4f} "
-        f"error {r['error']:.4f} ({r['examples']:.0f} examples)")
+  from cnn.tasks import base  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  r = common.run(loop.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
+                 _CHECKPOINT.value, _PICTURE.value)
+  keys = tuple(r['eval_keys']) + tuple(
+      k for k in ('loss', 'iou50', 'dense_error', 'dense_mean_iou',
+                  'mean_box_mean_iou', 'network_seconds', 'proposal_seconds')
+      if k not in r['eval_keys'])
+  print(f"step {r['step']} {_SPLIT.value} ({r['task']}, "
+        f"{r['examples']:.0f} examples): {base.format_metrics(r, keys)}")
+  if _PICTURE.value:
+    print(f'picture: {_PICTURE.value}')
 
 
 if __name__ == '__main__':

@@ -44,7 +44,7 @@ def benchmark():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cnn import fully_conv  # pylint: disable=g-import-not-at-top
+  from cnn.models import fully_conv  # pylint: disable=g-import-not-at-top
   from cnn import models  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
 

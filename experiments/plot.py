@@ -36,7 +36,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def _plot():
-  from cnn import plotting  # pylint: disable=g-import-not-at-top
+  from cnn.tools import plotting  # pylint: disable=g-import-not-at-top
   if '--verbosity' not in ' '.join(sys.argv):
     # Orbax warns that a read-only checkpoint folder is read-only.
     logging.set_verbosity(logging.ERROR)

@@ -34,7 +34,7 @@ _TOP = (10, 50, 100, 300, 'all')
 def measure(images, boxes, valid, sizes, processes: int, seed: int) -> list:
   """One row (name, mean count, ms per image, recalls) per method."""
   import time  # pylint: disable=g-import-not-at-top
-  from cnn import proposals  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import proposals  # pylint: disable=g-import-not-at-top
 
   rows = []
   fast_counts = None
@@ -74,7 +74,7 @@ def main(argv):
 
   def run():
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from cnn import synthetic_detection  # pylint: disable=g-import-not-at-top
+    from cnn.data import synthetic_detection  # pylint: disable=g-import-not-at-top
     from cnn.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
 
     canvas = _CANVAS.value

@@ -70,15 +70,15 @@ def _worker_argv(name: str, parent_argv: list[str]) -> list[str]:
 
 
 def _run_in_process(todo, configs, workdir, failures):
-  from cnn import sweeps  # pylint: disable=g-import-not-at-top
-  from cnn import train  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
   from cnn.errors import UserError  # pylint: disable=g-import-not-at-top
   for m in todo:
     d = sweeps.member_dir(workdir, m)
     print(f'=== {m.name}: {m.describe()} -> {d}', flush=True)
     sweeps.clear_error(d)
     try:
-      train.train_and_evaluate(configs[m.name], d)
+      loop.train_and_evaluate(configs[m.name], d)
     except UserError as e:
       message = f'error: {e}'
     except Exception as e:  # pylint: disable=broad-except
@@ -94,7 +94,7 @@ def _run_in_process(todo, configs, workdir, failures):
 
 
 def _run_subprocesses(todo, workdir, parallel, parent_argv, failures):
-  from cnn import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   gpus = _gpu_count()
   queue, running = list(todo), {}  # slot -> (member, process, log)
   while queue or running:
@@ -153,7 +153,8 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
   Raises:
     UserError: for bad arguments, or after the table when members failed.
   """
-  from cnn import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError, UserError  # pylint: disable=g-import-not-at-top
   path, _, arg = config_arg.partition(':')
   module = sweeps.load_module(path)
@@ -182,8 +183,10 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
     else:
       argv = argv or [f'--config={config_arg}', f'--workdir={workdir}']
       _run_subprocesses(todo, workdir, parallel, argv, failures)
+  task = tasks.get(configs[chosen[0].name])  # one task per sweep
   rows = [sweeps.summary_row(sweeps.member_dir(workdir, m), m.name,
-                             total[m.name]) for m in chosen]
+                             total[m.name], task.metric, task.metric_mode)
+          for m in chosen]
   print(sweeps.format_table(rows), flush=True)
   if failures:
     raise UserError(f'{len(failures)} member(s) failed: {", ".join(failures)}'
@@ -202,7 +205,7 @@ def main(argv):
 def _check_config_arg(argv: list[str]) -> None:
   """Builds the config once before absl does: a bad preset is then one
   `error:` line instead of absl's flag-parsing traceback."""
-  from cnn import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   for i, a in enumerate(argv):
     value = (a.split('=', 1)[1] if a.startswith('--config=') else
              argv[i + 1] if a == '--config' and i + 1 < len(argv) else None)

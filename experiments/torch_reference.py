@@ -9,10 +9,10 @@ stem, three stages of n basic blocks (16/32/64 filters, stride 2 where a
 stage starts), option-A shortcuts (subsample even pixels, zero-pad channels)
 or option-B projections, global average pooling and a 10-way linear head.
 Convs have no bias and He-normal (fan-in) init; BN momentum 0.1 (Flax's 0.9),
-epsilon 1e-5. The train step does the same work as `cnn.steps`: uint8 ->
+epsilon 1e-5. The train step does the same work as `cnn.training.step`: uint8 ->
 [0, 1] minus the mean, pad-4 random crop and flip, forward, cross-entropy,
 backward, SGD with momentum 0.9 and coupled weight decay 1e-4 (PyTorch's SGD
-is the update `cnn.optim` reproduces).
+is the update `cnn.training.optim` reproduces).
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def count_params(model: nn.Module) -> int:
 
 
 class TrainStep:
-  """One SGD step on a uint8 NHWC batch, the work of `cnn.steps` train."""
+  """One SGD step on a uint8 NHWC batch, the work of `cnn.training.step` train."""
 
   def __init__(self, model: nn.Module, mean, *, lr: float = 0.1,
                momentum: float = 0.9, weight_decay: float = 1e-4,

@@ -22,8 +22,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cnn import train  # pylint: disable=g-import-not-at-top
-  common.run(train.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  common.run(loop.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
 
 if __name__ == '__main__':
   app.run(main, flags_parser=common.parse_flags)

@@ -69,15 +69,15 @@ def base_config(steps: int, quick: bool):
 
 def run_cell(workdir: str, config) -> dict:
   """Trains one run (or reuses its result) -> accuracy and wall time."""
-  from cnn import metric_writers  # pylint: disable=g-import-not-at-top
-  from cnn import train  # pylint: disable=g-import-not-at-top
+  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
   done = os.path.join(workdir, 'result.json')
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
   print(f'--- {workdir}', flush=True)
   t0 = time.perf_counter()
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - t0
   test = [r for r in metric_writers.read_metrics(workdir)
           if r['split'] == 'test' and r['step'] == config.num_train_steps]

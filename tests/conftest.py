@@ -5,13 +5,13 @@ import pathlib
 import pytest
 
 # The CPU train step is compiled without XLA's fusion pass by default (faster
-# steps, 2.5x slower compiles; see cnn/steps.py). The suite compiles many tiny
+# steps, 2.5x slower compiles; see cnn/training/step.py). The suite compiles many tiny
 # nets and runs few steps, so it keeps XLA's defaults;
-# tests/test_train.py::test_cpu_compiler_options_keep_the_math checks the
+# tests/training/test_loop.py::test_cpu_compiler_options_keep_the_math checks the
 # library default against them explicitly.
 os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[0].parent
 # The prepared CIFAR-10 copy beside the project (see shared/data/README.md).
 SHARED_TFDS = pathlib.Path(os.environ.get(
     'CNN_SHARED_TFDS', ROOT.parent / 'shared' / 'data' / 'tfds'))
@@ -35,3 +35,22 @@ def small_config(model='cifar_resnet8', steps=4, **overrides):
   for k, v in overrides.items():
     setattr(c, k, v)
   return c
+
+
+def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
+                    augment='crop_flip', frozen=None,
+                    compiler_options='default', seed=0):
+  """The library's classification train step and a fresh state."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.classification import task as classification  # pylint: disable=g-import-not-at-top
+  from cnn.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  if mean is None:
+    mean = np.zeros(image_shape[-1], np.float32)
+  loss_fn = classification.make_loss_fn(model, mean, augment=augment)
+  step = step_lib.make_train_step(loss_fn, tx, schedule, frozen=frozen,
+                                  compiler_options=compiler_options)
+  state = state_lib.create(
+      lambda r: classification.init_variables(model, image_shape, r), tx,
+      seed)
+  return step, state

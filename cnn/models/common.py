@@ -1,7 +1,7 @@
 """Building blocks shared by the model zoo.
 
 Pooling and LRN are wrapped as tiny parameter-free modules rather than called
-as functions so that they get names in the module tree: `cnn.summary` then
+as functions so that they get names in the module tree: `cnn.tools.summary` then
 sees them as layers of their own (one row each, with their output shape and
 cost), the way the lecture walks through a network by hand.
 """
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.layers import local_response_norm
+from jax import lax
 
 # He et al. 2015 (Delving deep into rectifiers): keeps the activation variance
 # constant through ReLU layers, which is what lets plain 20-56 layer nets train
@@ -21,6 +21,23 @@ he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
+
+
+
+def local_response_norm(x, size: int = 5, k: float = 2.0, alpha: float = 1e-4,
+                        beta: float = 0.75):
+  """Across-channel LRN of Krizhevsky et al. 2012 (section 3.3), NHWC input.
+
+  b = a / (k + alpha * sum_{j in window} a_j^2) ** beta, the window being
+  `size` adjacent channels centred on each channel (the paper's n=5, k=2,
+  alpha=1e-4, beta=0.75). The paper's alpha multiplies the raw sum, not the
+  mean, so it is not divided by `size`.
+  """
+  sq = jnp.square(x)
+  half = size // 2
+  summed = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                             ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+  return x / jnp.power(k + alpha * summed, beta)
 
 
 class MaxPool(nn.Module):

@@ -1,6 +1,6 @@
 """The small VGG-style trunk of the detectors, and its CIFAR classifier.
 
-`Trunk` is what R-CNN, Fast R-CNN and Faster R-CNN share (`cnn.detection`):
+`Trunk` is what R-CNN, Fast R-CNN and Faster R-CNN share (`cnn.tasks.detection`):
 stages of (3x3 conv, BatchNorm, ReLU) x n and a 2x2 max-pool, stride
 2 ** len(widths). `TrunkClassifier` (registry name `det_trunk`) is that trunk
 on a 32x32 CIFAR image (a 4x4 map for three stages), flattened, FC layers and

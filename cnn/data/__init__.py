@@ -1,0 +1,1 @@
+"""Data: TFDS readers, on-device augmentation, synthetic canvases."""

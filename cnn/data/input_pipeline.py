@@ -1,0 +1,373 @@
+"""TFDS -> numpy / tf.data -> device batches, and on-device augmentation.
+
+Small datasets (CIFAR, MNIST, ...) are read once into memory as uint8. The
+training batch of step `s` is a pure function of (seed, s): the stream is the
+concatenation of per-epoch permutations drawn from `np.random.default_rng(
+(seed, epoch))`, so a run resumed at any step sees exactly the batches an
+uninterrupted run would. Augmentation (pad-and-crop, flip) and mean
+subtraction run on the device inside the jitted step (`cnn.data.augment`).
+
+Large datasets (ImageNet) stream through tf.data with the standard random
+resized crop and flip on the host; their order is not reproducible across a
+resume (tf.data shuffling), their math is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+
+from cnn.errors import DataError
+
+# Datasets above this size (bytes of uint8 pixels) or with variable image
+# shapes stream through tf.data instead of sitting in memory.
+IN_MEMORY_LIMIT_BYTES = 4 << 30
+
+
+def _tf():
+  """Imports TensorFlow for the host pipeline only, hiding any GPU from it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # Already initialised; visibility is then fixed.
+    pass
+  return tf
+
+
+def _builder(name: str, data_dir: str | None):
+  """Returns a TFDS builder whose data can be read, or raises DataError."""
+  _tf()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if data_dir is not None:
+    data_dir = os.path.expanduser(data_dir)
+  where = f'data_dir={data_dir}' if data_dir else 'the default TFDS data_dir'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(
+        f"dataset '{name}' is neither a TFDS dataset nor prepared under "
+        f'{where}: check the name or pass --config.data_dir=DIR holding '
+        f'DIR/{name}/<version>/') from None
+  return builder
+
+
+def _as_dataset(builder, split: str, data_dir: str | None):
+  """`builder.as_dataset`, preparing (downloading) the data when needed."""
+  name = builder.info.name
+  try:
+    return builder.as_dataset(split=split, shuffle_files=False)
+  except AssertionError:
+    pass  # Not prepared yet: try to download it below.
+  except ValueError as e:
+    raise DataError(f"dataset '{name}' has no split '{split}' ({e}); "
+                    'choose one of its splits in the config') from None
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    # Without network TFDS fails with unrelated errors (e.g. a missing
+    # `importlib_resources`): name the real problem and the fixes.
+    raise DataError(
+        f"dataset '{name}' is not prepared under {builder.data_dir} and could "
+        f'not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}'
+        '); supply a prepared copy with --config.data_dir=DIR, or for a '
+        f'manual-download dataset run `tfds build {name} --manual_dir=DIR` '
+        'on a machine with the files') from None
+  return builder.as_dataset(split=split, shuffle_files=False)
+
+
+@dataclasses.dataclass
+class ArrayData:
+  """A split held in memory: uint8 images (N, H, W, C), int32 labels (N,)."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def batch(self, indices) -> dict:
+    """The training batch of these example indices."""
+    return {'image': self.images[indices], 'label': self.labels[indices]}
+
+
+def load_arrays(name: str, split: str, data_dir: str | None) -> ArrayData:
+  """Reads a whole TFDS split into memory as uint8 images and int32 labels."""
+  builder = _builder(name, data_dir)
+  ds = _as_dataset(builder, split, data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  images, labels = [], []
+  # Batched reads, never batch_size=-1: that aborts under tfds mock_data.
+  for ex in tfds.as_numpy(ds.batch(4096)):
+    images.append(ex['image'])
+    labels.append(ex['label'])
+  if not images:
+    raise DataError(f"split '{split}' of dataset '{name}' is empty")
+  images = np.concatenate(images).astype(np.uint8, copy=False)
+  if images.ndim == 3:
+    images = images[..., None]
+  return ArrayData(images, np.concatenate(labels).astype(np.int32))
+
+
+def dataset_info(name: str, data_dir: str | None) -> tuple[int, tuple]:
+  """Number of classes and image shape (None for variable sizes)."""
+  info = _builder(name, data_dir).info
+  return info.features['label'].num_classes, tuple(info.features['image'].shape)
+
+
+def class_names(name: str, data_dir: str | None) -> list[str]:
+  """The label names of a TFDS classification dataset."""
+  return list(_builder(name, data_dir).info.features['label'].names)
+
+
+@dataclasses.dataclass
+class Datasets:
+  """What training needs from the data.
+
+  Attributes:
+    train: the training split in memory, or None when it streams.
+    train_stream: iterator factory for streaming datasets (ImageNet).
+    evals: held-out splits by name ('val', 'test'), in memory or streaming.
+    num_classes: label count.
+    image_shape: (H, W, C) of the network input.
+    mean: per-pixel (H, W, C) or per-channel (C,) mean in [0, 1] units.
+  """
+  train: ArrayData | None
+  evals: dict
+  num_classes: int
+  image_shape: tuple
+  mean: np.ndarray
+  train_stream: 'StreamingSplit | None' = None
+
+
+def get_datasets(config) -> Datasets:
+  """Loads the train and held-out splits named by `config`."""
+  num_classes, shape = dataset_info(config.dataset, config.data_dir)
+  in_memory = config.get('in_memory', 'auto')
+  if in_memory == 'auto':
+    in_memory = None not in shape
+  classes = tuple(int(c) for c in (config.get('classes', ()) or ()))
+  per_class = int(config.get('train_examples_per_class', 0) or 0)
+  if not in_memory:
+    if classes or per_class:
+      raise DataError('classes / train_examples_per_class need an in-memory '
+                      f"dataset; '{config.dataset}' streams: leave them unset")
+    return _streaming_datasets(config, num_classes)
+  train = load_arrays(config.dataset, config.train_split, config.data_dir)
+  all_classes = num_classes
+  if classes:
+    train = select_classes(train, classes, all_classes)
+    num_classes = len(classes)
+  evals = {}
+  n_val = int(config.val_examples)
+  if n_val:
+    if not 0 < n_val < len(train):
+      raise DataError(f'val_examples={n_val} must be between 1 and the '
+                      f'{len(train)} training examples')
+    # The paper's 45k/5k split: the last n_val training images are held out.
+    evals['val'] = ArrayData(train.images[-n_val:], train.labels[-n_val:])
+    train = ArrayData(train.images[:-n_val], train.labels[:-n_val])
+  if per_class:
+    train = first_per_class(train, per_class)
+  if config.test_split:
+    evals['test'] = load_arrays(config.dataset, config.test_split,
+                                config.data_dir)
+    if classes:
+      evals['test'] = select_classes(evals['test'], classes, all_classes)
+  mean = pixel_mean(train.images, config.mean_subtraction)
+  return Datasets(train=train, evals=evals, num_classes=num_classes,
+                  image_shape=train.images.shape[1:], mean=mean)
+
+
+def select_classes(data: ArrayData, classes: tuple,
+                   num_classes: int) -> ArrayData:
+  """The examples of `classes` (original labels), relabelled 0..k-1.
+
+  Label `classes[i]` becomes `i`; the order of the examples is kept.
+
+  Raises:
+    DataError: a class is out of range or repeated.
+  """
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad or len(set(classes)) != len(classes):
+    raise DataError(f'classes={tuple(classes)} must be distinct labels in '
+                    f'0..{num_classes - 1}')
+  lookup = np.full(max(num_classes, max(classes) + 1), -1, np.int32)
+  lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+  keep = np.flatnonzero(lookup[data.labels] >= 0)
+  if not keep.size:
+    raise DataError(f'no example of classes={tuple(classes)} in the split')
+  return ArrayData(data.images[keep], lookup[data.labels[keep]])
+
+
+def first_per_class(data: ArrayData, n: int) -> ArrayData:
+  """The first `n` examples of each class, in their original order.
+
+  Deterministic (no sampling): the same subset on every run and resume.
+  Classes with fewer examples keep all of theirs.
+  """
+  keep = np.zeros(len(data), bool)
+  for c in np.unique(data.labels):
+    keep[np.flatnonzero(data.labels == c)[:n]] = True
+  return ArrayData(data.images[keep], data.labels[keep])
+
+
+def pixel_mean(images: np.ndarray, mode: str) -> np.ndarray:
+  """Mean of the training images in [0, 1] units, per pixel or per channel."""
+  if mode == 'none':
+    return np.zeros(images.shape[-1:], np.float32)
+  # Chunked so that 50k images need no float64 copy of the whole set.
+  total = np.zeros(images.shape[1:], np.float64)
+  for i in range(0, len(images), 8192):
+    total += images[i:i + 8192].sum(axis=0, dtype=np.float64)
+  mean = total / len(images) / 255.0
+  if mode == 'per_channel':
+    mean = mean.mean(axis=(0, 1))
+  elif mode != 'per_pixel':
+    raise DataError(f"mean_subtraction='{mode}' is unknown; use per_pixel, "
+                    'per_channel or none')
+  return mean.astype(np.float32)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng((seed, epoch)).permutation(n)
+
+
+class TrainBatches:
+  """Deterministic training batches: `batch(step)` depends on (seed, step) only.
+
+  Batches run across epoch boundaries, so every batch is full and every
+  example is seen once per epoch.
+  """
+
+  def __init__(self, data: ArrayData, batch_size: int, seed: int):
+    """`data` needs a length for `indices` and `batch(indices)` for
+    `batch` (an ArrayData, detection canvases, ...)."""
+    if batch_size > len(data):
+      raise DataError(f'batch_size={batch_size} exceeds the {len(data)} '
+                      'training examples; lower --config.batch_size')
+    self.data = data
+    self.batch_size = batch_size
+    self.seed = seed
+    self._perm_cache: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perm_cache:
+      # Two epochs are live at an epoch boundary; older ones are dropped.
+      for old in [e for e in self._perm_cache if e < epoch - 1]:
+        del self._perm_cache[old]
+      self._perm_cache[epoch] = epoch_permutation(self.seed, epoch,
+                                                  len(self.data))
+    return self._perm_cache[epoch]
+
+  def indices(self, step: int) -> np.ndarray:
+    n, bs = len(self.data), self.batch_size
+    epoch, offset = divmod(step * bs, n)
+    idx = self._perm(epoch)[offset:offset + bs]
+    if len(idx) < bs:  # The batch runs into the next epoch (bs <= n).
+      idx = np.concatenate([idx, self._perm(epoch + 1)[:bs - len(idx)]])
+    return idx
+
+  def batch(self, step: int) -> dict:
+    return self.data.batch(self.indices(step))
+
+  def epoch_of(self, step: int) -> float:
+    return step * self.batch_size / len(self.data)
+
+
+def eval_batches(data: ArrayData, batch_size: int) -> Iterator[dict]:
+  """Whole split in fixed-size batches; the last is padded and masked.
+
+  A fixed shape means one compilation; the mask keeps padded rows out of the
+  metrics, so every example counts exactly once.
+  """
+  n = len(data)
+  for start in range(0, n, batch_size):
+    images = data.images[start:start + batch_size]
+    labels = data.labels[start:start + batch_size]
+    k = len(labels)
+    mask = np.ones(batch_size, np.float32)
+    if k < batch_size:
+      pad = batch_size - k
+      images = np.concatenate(
+          [images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      mask[k:] = 0.0
+    yield {'image': images, 'label': labels, 'mask': mask}
+
+
+# --- Streaming (large datasets) --------------------------------------------
+
+class StreamingSplit:
+  """A tf.data pipeline yielding uint8 batches of a fixed image size."""
+
+  def __init__(self, config, split: str, train: bool, image_size: int):
+    self.config = config
+    self.split = split
+    self.train = train
+    self.image_size = image_size
+
+  def __iter__(self):
+    tf = _tf()
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = _builder(self.config.dataset, self.config.data_dir)
+    ds = _as_dataset(builder, self.split, self.config.data_dir)
+    size = self.image_size
+    bs = self.config.batch_size if self.train else self.config.eval_batch_size
+
+    def train_map(ex):
+      image = ex['image']
+      if image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+      # Inception-style crop: 8%-100% of the area, aspect 3/4-4/3.
+      begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+          tf.shape(image), tf.zeros([0, 0, 4], tf.float32),
+          min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+          area_range=(0.08, 1.0), max_attempts=10,
+          use_image_if_no_bounding_boxes=True)
+      image = tf.slice(image, begin, crop_size)
+      image = tf.image.resize(image, (size, size))
+      image = tf.image.random_flip_left_right(image)
+      return {'image': tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8),
+              'label': tf.cast(ex['label'], tf.int32)}
+
+    def eval_map(ex):
+      image = ex['image']
+      shape = tf.cast(tf.shape(image)[:2], tf.float32)
+      scale = (size * 256 / 224) / tf.reduce_min(shape)
+      image = tf.image.resize(image, tf.cast(shape * scale, tf.int32))
+      image = tf.image.resize_with_crop_or_pad(image, size, size)
+      return {'image': tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8),
+              'label': tf.cast(ex['label'], tf.int32),
+              'mask': tf.constant(1.0)}
+
+    if self.train:
+      ds = ds.repeat().shuffle(16 * bs, seed=self.config.seed)
+      ds = ds.map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+      ds = ds.batch(bs, drop_remainder=True)
+    else:
+      ds = ds.map(eval_map, num_parallel_calls=tf.data.AUTOTUNE)
+      # Pad the tail with masked examples so the whole split counts.
+      ds = ds.batch(bs).map(lambda b: _pad_batch(tf, b, bs))
+    return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+
+
+def _pad_batch(tf, batch, bs):
+  k = tf.shape(batch['label'])[0]
+  pad = bs - k
+  return {key: tf.concat([v, tf.zeros(tf.concat([[pad], tf.shape(v)[1:]], 0),
+                                      v.dtype)], 0)
+          for key, v in batch.items()}
+
+
+def _streaming_datasets(config, num_classes: int) -> Datasets:
+  size = int(config.get('image_size', 224))
+  evals = {}
+  if config.test_split:
+    evals['test'] = StreamingSplit(config, config.test_split, False, size)
+  # ImageNet statistics are standard; computing them would need a full pass.
+  mean = np.array([0.485, 0.456, 0.406], np.float32)
+  return Datasets(train=None, evals=evals, num_classes=num_classes,
+                  image_shape=(size, size, 3), mean=mean,
+                  train_stream=StreamingSplit(config, config.train_split, True,
+                                              size))

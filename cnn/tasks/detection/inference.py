@@ -1,0 +1,193 @@
+"""Inference: detections for one image at a time, timed as served, and the
+held-out evaluation (mAP@0.5, proposal recall, time per image).
+
+Test time per image is measured as it would be served: proposals computed on
+the image (selective search for R-CNN and Fast R-CNN, the RPN for Faster),
+the network, then per-class NMS; mAP@0.5 by `cnn.tasks.detection.metrics`
+(VOC all-point AP).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn.ops import boxes as box_ops
+from cnn.ops import roi as roi_ops
+from cnn.tasks.detection import metrics
+from cnn.tasks.detection import proposals as proposals_lib
+from cnn.tasks.detection.model import HEAD_DELTA_WEIGHTS, Detector, Spec
+from cnn.tasks.detection.model import pool, preprocess
+from cnn.tasks.detection.targets import rpn_proposals
+
+
+def postprocess(rois, valid, logits, deltas, *, canvas: int,
+                score_threshold: float, nms_iou: float, per_class: int,
+                max_detections: int):
+  """Class-specific boxes, per-class NMS, the top detections of one image.
+
+  Returns:
+    boxes (max_detections, 4), scores (max_detections,) (-1 for padding),
+    classes (max_detections,) in 0..K-1.
+  """
+  probs = jax.nn.softmax(logits, axis=-1)[:, 1:]
+  boxes = box_ops.clip(box_ops.decode_deltas(deltas, rois[:, None, :],
+                                             HEAD_DELTA_WEIGHTS),
+                       canvas, canvas)
+
+  def per_class_nms(b, s):
+    ok = valid & (s > score_threshold) & (b[:, 2] > 0) & (b[:, 3] > 0)
+    idx, keep = box_ops.nms_padded(b, s, nms_iou, per_class, valid=ok)
+    return b[idx], jnp.where(keep, s[idx], -1.0)
+
+  kept_boxes, kept_scores = jax.vmap(per_class_nms, in_axes=(1, 1))(
+      boxes, probs)
+  k = kept_scores.shape[0]
+  classes = jnp.broadcast_to(jnp.arange(k)[:, None], kept_scores.shape)
+  top, idx = jax.lax.top_k(kept_scores.reshape(-1),
+                           min(max_detections, kept_scores.size))
+  return (kept_boxes.reshape(-1, 4)[idx], top,
+          classes.reshape(-1)[idx].astype(jnp.int32))
+
+
+class Predictor:
+  """Detections for one image at a time, timed the way they would be served.
+
+  `__call__(image)` returns (boxes, scores, classes) as numpy arrays and the
+  seconds spent on proposals and on the network (+ NMS) for that image.
+  """
+
+  def __init__(self, model: Detector, variables, config, spec: Spec):
+    self.model, self.variables, self.spec = model, variables, spec
+    self.config = config
+    p, te = config.proposals, config.inference
+    self.num_proposals = int(p.test_per_image)
+    post = functools.partial(
+        postprocess, canvas=spec.canvas,
+        score_threshold=te.score_threshold, nms_iou=te.nms_iou,
+        per_class=te.per_class, max_detections=te.max_detections)
+    self.chunk = int(te.rcnn_chunk)
+
+    def features(v, image):
+      return model.apply(v, preprocess(image)[None], False,
+                         method=Detector.features)
+
+    def head(v, pooled):
+      return model.apply(v, pooled, method=Detector.classify)
+
+    if spec.kind == 'rcnn':
+      def crops_fn(v, image, rois):
+        crops = roi_ops.crop_and_resize(preprocess(image), rois,
+                                        (spec.crop, spec.crop))
+        pooled = model.apply(v, crops, False, method=Detector.features)
+        return head(v, pooled)
+      self._crops = jax.jit(crops_fn)
+      self._post = jax.jit(post)
+    elif spec.kind == 'fast_rcnn':
+      def fast_fn(v, image, rois, valid):
+        f = features(v, image)
+        logits, deltas = head(v, pool(f, rois[None], spec))
+        return post(rois, valid, logits, deltas)
+      self._fast = jax.jit(fast_fn)
+    else:
+      r = config.rpn
+      anchors = jnp.asarray(spec.anchors)
+
+      def faster_fn(v, image):
+        f = features(v, image)
+        obj, deltas = model.apply(v, f, method=Detector.propose)
+        rois, valid, _ = rpn_proposals(
+            obj[0], deltas[0], anchors, canvas=spec.canvas,
+            pre_nms=r.pre_nms_test, post_nms=r.post_nms_test,
+            nms_iou=r.nms_iou, min_size=r.min_size)
+        logits, d = head(v, pool(f, rois[None], spec))
+        return post(rois, valid, logits, d), (rois, valid)
+      self._faster = jax.jit(faster_fn)
+
+  def proposals(self, image):
+    """Selective search (or a baseline) on one image, padded to a fixed count."""
+    boxes, counts = proposals_lib.compute(
+        image[None], self.config.proposals.method, self.num_proposals,
+        seed=0)
+    valid = np.arange(self.num_proposals) < counts[0]
+    return boxes[0], valid
+
+  def __call__(self, image):
+    """(boxes, scores, classes, rois, roi_valid, proposal_s, network_s)."""
+    t0 = time.perf_counter()
+    if self.spec.kind == 'faster_rcnn':
+      (b, s, c), (rois, valid) = jax.block_until_ready(
+          self._faster(self.variables, image))
+      t1 = t0
+    else:
+      rois, valid = self.proposals(image)
+      t1 = time.perf_counter()
+      if self.spec.kind == 'fast_rcnn':
+        b, s, c = jax.block_until_ready(
+            self._fast(self.variables, image, rois, valid))
+      else:
+        n = int(valid.sum())
+        logits = np.zeros((len(rois), self.spec.num_classes + 1), np.float32)
+        deltas = np.zeros((len(rois), self.spec.num_classes, 4), np.float32)
+        # One network pass per proposal, in chunks of a fixed size so that
+        # one compilation serves every image; chunks past the last valid
+        # proposal are skipped, as R-CNN would not run them.
+        for start in range(0, n, self.chunk):
+          part = rois[start:start + self.chunk]
+          k = len(part)
+          if k < self.chunk:
+            part = np.concatenate([part, np.tile(
+                [[0, 0, self.spec.canvas, self.spec.canvas]],
+                (self.chunk - k, 1)).astype(np.float32)])
+          lo, de = self._crops(self.variables, image, part)
+          logits[start:start + k] = np.asarray(lo)[:k]
+          deltas[start:start + k] = np.asarray(de)[:k]
+        b, s, c = jax.block_until_ready(
+            self._post(rois, valid, logits, deltas))
+    t2 = time.perf_counter()
+    b, s, c = np.asarray(b), np.asarray(s), np.asarray(c)
+    keep = s > 0
+    return (b[keep], s[keep], c[keep], np.asarray(rois),
+            np.asarray(valid), t1 - t0, t2 - t1)
+
+
+def evaluate(model, variables, data, config, spec: Spec) -> dict:
+  """mAP@0.5 (VOC all-point AP), proposal recall and time per image."""
+  predictor = Predictor(model, variables, config, spec)
+  predictor(data.images[0])  # compile outside the timed loop
+  detections, truths = [], []
+  prop_s = net_s = 0.0
+  hits = total = num_props = 0
+  for i in range(len(data)):
+    b, s, c, rois, valid, tp, tn = predictor(data.images[i])
+    prop_s += tp
+    net_s += tn
+    n = int(data.num_objects[i])
+    gt_boxes, gt_classes = data.boxes[i][:n], data.classes[i][:n]
+    detections.append({'boxes': b, 'scores': s, 'classes': c})
+    truths.append({'boxes': gt_boxes, 'classes': gt_classes})
+    if data.difficult is not None:
+      truths[-1]['difficult'] = data.difficult[i][:n]
+    rois = rois[valid]
+    num_props += len(rois)
+    if n and len(rois):
+      ious = np.asarray(box_ops.pairwise_iou(gt_boxes.astype(np.float64),
+                                             rois.astype(np.float64)))
+      hits += int((ious.max(axis=1) >= 0.5).sum())
+    total += n
+  res = metrics.evaluate(detections, truths, spec.num_classes,
+                                iou_threshold=0.5)
+  n = len(data)
+  out = {'map': float(res['map']),
+         'proposal_seconds': prop_s / n, 'network_seconds': net_s / n,
+         'seconds_per_image': (prop_s + net_s) / n,
+         'proposals_per_image': num_props / n,
+         'proposal_recall': hits / max(total, 1),
+         'detections_per_image': sum(len(d['scores']) for d in detections) / n,
+         'examples': float(n)}
+  for k, ap in enumerate(res['ap']):
+    out[f'ap_{k}'] = float(ap)
+  return out

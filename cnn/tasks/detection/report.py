@@ -1,0 +1,178 @@
+"""The detector comparison table and a picture of detections.
+
+`comparison_table` reads the final test record of each detection run's
+metrics.jsonl; `draw_detections` runs trained detectors on test canvases
+and draws their boxes (matplotlib PNG); `draw` does it for one detector
+(`experiments.evaluate --picture`).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from cnn.training import metric_writers
+from cnn.errors import ConfigError
+
+# The lecture's table (Girshick et al.'s detectors, VGG-16 on Pascal VOC
+# 2007; test time per image including proposals): seconds, mAP.
+LECTURE = {'rcnn': (50.0, 66.0), 'fast_rcnn': (2.0, 66.9),
+           'faster_rcnn': (0.2, 66.9)}
+NAMES = {'rcnn': 'R-CNN', 'fast_rcnn': 'Fast R-CNN',
+         'faster_rcnn': 'Faster R-CNN'}
+
+
+def final_test(workdir: str) -> tuple[str, dict]:
+  """(detector kind, last 'test' record) of a finished detection run."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{workdir} holds no run (no config.json); train it '
+                      'with python -m experiments.train '
+                      '--config=configs/detection.py:KIND first')
+  with open(path) as f:
+    config = json.load(f)
+  if config.get('task') != 'detection':
+    raise ConfigError(f'{workdir} is not a detection run (task='
+                      f"{config.get('task', 'classification')})")
+  tests = [r for r in metric_writers.read_metrics(workdir)
+           if r['split'] == 'test']
+  if not tests:
+    raise ConfigError(f'{workdir} has no test record yet: let its training '
+                      'finish (rerun the same train command to resume)')
+  return config['kind'], tests[-1]
+
+
+def time_side_by_side(workdirs, num_images: int) -> list[tuple[float, float]]:
+  """(proposal, network) seconds per image of each run's detector, measured
+  in one process on the same test canvases, the detectors taking turns on
+  each image so that machine noise hits them alike."""
+  predictors, data = [], None
+  for workdir in workdirs:
+    run, predictor = _load(workdir)
+    predictors.append(predictor)
+    if data is None:
+      data = run.data.evals['test']
+  for p in predictors:
+    p(data.images[0])  # compile outside the timed loop
+  totals = np.zeros((len(predictors), 2))
+  n = min(num_images, len(data))
+  for image in data.images[:n]:
+    for k, p in enumerate(predictors):
+      totals[k] += p(image)[5:7]
+  return [tuple(t) for t in totals / n]
+
+
+def comparison_table(workdirs, timing_images: int = 0) -> str:
+  """Markdown: mAP@0.5, time per image and speed-up vs R-CNN, beside the
+  lecture's figures.
+
+  mAP and proposal recall come from each run's final test record; the times
+  too, unless `timing_images` > 0: then they are measured again side by side
+  (`time_side_by_side`) on that many test canvases.
+  """
+  rows = [final_test(w) for w in workdirs]
+  if timing_images:
+    for (_, r), (tp, tn) in zip(rows, time_side_by_side(workdirs,
+                                                        timing_images)):
+      r.update(proposal_seconds=tp, network_seconds=tn,
+               seconds_per_image=tp + tn)
+  base = next((r['seconds_per_image'] for k, r in rows if k == 'rcnn'), None)
+  lines = ['| detector | mAP@0.5 | test time / image | proposals | network '
+           '| speed-up vs R-CNN | proposal recall@0.5 | lecture: time / image '
+           '| lecture: speed-up | lecture: mAP (VOC 2007) |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for kind, r in rows:
+    t = r['seconds_per_image']
+    speed = f'{base / t:.1f}x' if base else '-'
+    lec_t, lec_map = LECTURE[kind]
+    lines.append(
+        f'| {NAMES[kind]} | {r["map"]:.3f} | {t * 1000:.1f} ms | '
+        f'{r["proposal_seconds"] * 1000:.1f} ms | '
+        f'{r["network_seconds"] * 1000:.1f} ms | {speed} | '
+        f'{r["proposal_recall"]:.3f} | {lec_t:g} s | '
+        f'{LECTURE["rcnn"][0] / lec_t:.0f}x | {lec_map} |')
+  return '\n'.join(lines)
+
+
+def _load(workdir: str):
+  """(run, Predictor) of a detection run's latest checkpoint."""
+  from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  run, state, _ = loop.restore_run(workdir)
+  if run.task.name != 'detection':
+    raise ConfigError(f'{workdir} is not a detection run (task='
+                      f'{run.task.name})')
+  return run, inference.Predictor(run.model, state.variables, run.config,
+                                  run.task.spec)
+
+
+def _draw_row(axes, config, predictor, data, min_score: float) -> None:
+  """Test canvases with one detector's detections (red, class and score)
+  and the ground truth (green)."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from cnn.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  if config.dataset == 'voc':
+    names = [str(k) for k in range(20)]
+  else:
+    names = input_pipeline.class_names(config.source, config.data_dir)
+  for col, ax in enumerate(axes):
+    ax.imshow(data.images[col])
+    n = int(data.num_objects[col])
+    for (x, y, w, h), k in zip(data.boxes[col][:n], data.classes[col][:n]):
+      ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color='lime',
+                                 lw=1.5))
+      ax.text(x, y + h + 1, names[k], color='black', fontsize=6,
+              va='top', bbox=dict(facecolor='lime', alpha=0.6, pad=0.5,
+                                  lw=0))
+    b, s, c = predictor(data.images[col])[:3]
+    for (x, y, w, h), score, k in zip(b, s, c):
+      if score < min_score:
+        continue
+      ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color='red',
+                                 lw=1.5))
+      ax.text(x, y - 1, f'{names[k]} {score:.2f}', color='white',
+              fontsize=6, bbox=dict(facecolor='red', alpha=0.6, pad=0.5,
+                                    lw=0))
+    ax.set_xlim(0, config.canvas)
+    ax.set_ylim(config.canvas, 0)
+    ax.axis('off')
+    if col == 0:
+      ax.set_title(NAMES[config.kind], fontsize=9, loc='left')
+
+
+def _save(fig, path: str, min_score: float, dpi: int) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.suptitle(f'green: ground truth (class below), red: detections with '
+               f'score >= {min_score}', fontsize=9)
+  fig.savefig(path, dpi=dpi, bbox_inches='tight')
+  plt.close(fig)
+
+
+def _figure(rows: int, cols: int):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows),
+                      squeeze=False)
+
+
+def draw_detections(workdirs, path: str, num_images: int = 4,
+                    min_score: float = 0.3, dpi: int = 90) -> None:
+  """One row per detection run: its detections on the first test canvases."""
+  fig, axes = _figure(len(workdirs), num_images)
+  for row, workdir in enumerate(workdirs):
+    run, predictor = _load(workdir)
+    _draw_row(axes[row], run.config, predictor, run.data.evals['test'],
+              min_score)
+  _save(fig, path, min_score, dpi)
+
+
+def draw(config, model, variables, spec, data, path: str,
+         num_images: int = 4, min_score: float = 0.3, dpi: int = 90) -> None:
+  """One detector's detections on the first test canvases."""
+  from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
+  fig, axes = _figure(1, num_images)
+  predictor = inference.Predictor(model, variables, config, spec)
+  _draw_row(axes[0], config, predictor, data, min_score)
+  _save(fig, path, min_score, dpi)

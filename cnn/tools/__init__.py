@@ -1,0 +1,1 @@
+"""Tools on top of the library: model summary, plots, sweeps, benchmarks."""

@@ -1,0 +1,196 @@
+"""Timing helpers for `experiments/benchmark.py`: synthetic batches, step
+timers, memory probes and the input pipeline's own rate.
+
+Nothing here prints: the benchmark command turns the numbers into a table.
+Comparisons run their variants interleaved step by step (`time_interleaved`),
+so that load from other processes on a shared machine hits every variant
+alike and the ratio stays meaningful even when the absolute rates do not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from cnn import models
+from cnn.data import input_pipeline
+from cnn.tasks.classification import task as classification
+from cnn.tools import summary
+from cnn.training import optim
+from cnn.training import state as state_lib
+from cnn.training import step as step_lib
+
+DTYPES = classification.DTYPES
+
+
+def synthetic_batch(batch_size: int, image_shape, num_classes: int,
+                    seed: int = 0, mask: bool = False) -> dict:
+  """Random uint8 images and int32 labels, shaped like a real host batch."""
+  rng = np.random.default_rng(seed)
+  batch = {
+      'image': rng.integers(0, 256, (batch_size, *image_shape), np.uint8),
+      'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}
+  if mask:
+    batch['mask'] = np.ones(batch_size, np.float32)
+  return batch
+
+
+def synthetic_arrays(n: int, image_shape, num_classes: int,
+                     seed: int = 0) -> input_pipeline.ArrayData:
+  """An in-memory split of random images (when the real data is absent)."""
+  b = synthetic_batch(n, image_shape, num_classes, seed)
+  return input_pipeline.ArrayData(b['image'], b['label'])
+
+
+def peak_host_rss_bytes() -> int:
+  """Peak resident set size of this process so far."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == 'darwin' else peak * 1024  # Linux: KiB.
+
+
+def device_peak_bytes(device=None) -> int | None:
+  """Peak bytes in use on the device, or None where XLA does not track it
+  (the CPU backend)."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not stats:
+    return None
+  return stats.get('peak_bytes_in_use', stats.get('bytes_in_use'))
+
+
+def time_interleaved(runners: dict, steps: int, warmup: int = 2) -> dict:
+  """Times callables round-robin: one step of each per round.
+
+  Args:
+    runners: name -> callable running one blocking step.
+    steps: timed rounds (the median of these is reported).
+    warmup: untimed rounds first (caches, allocator, thread pools).
+
+  Returns:
+    name -> list of `steps` wall times in seconds.
+  """
+  for _ in range(warmup):
+    for run in runners.values():
+      run()
+  times = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, run in runners.items():
+      t = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+@dataclasses.dataclass
+class JaxSetup:
+  """A model, its jitted steps and a train state, ready to time.
+
+  Attributes:
+    name: model name.
+    model: the Linen module.
+    train_step, eval_step: the library's real jitted steps
+      (`cnn.training.step`, `cnn.tasks.classification`).
+    state: the train state (donated by every train step; see `train_runner`).
+    image_shape: (H, W, C).
+    num_classes: head outputs.
+    compile_s: seconds to lower and compile the train step.
+    eval_compile_s: seconds to lower and compile the eval step.
+  """
+  name: str
+  model: object
+  train_step: Callable
+  eval_step: Callable
+  state: state_lib.TrainState
+  image_shape: tuple
+  num_classes: int
+  train_fn: Callable = None
+  eval_fn: Callable = None
+  compile_s: float = 0.0
+  eval_compile_s: float = 0.0
+
+  def flops_per_image(self) -> int:
+    """Forward FLOPs per image (`cnn.tools.summary` conventions)."""
+    return summary.flops_per_example(self.model, self.image_shape)
+
+  def train_runner(self, batch) -> Callable:
+    """One blocking train step per call; the state is carried along."""
+    batch = jax.device_put(batch)
+
+    def run():
+      self.state, metrics = self.train_fn(self.state, batch)
+      jax.block_until_ready(metrics)
+    return run
+
+  def eval_runner(self, batch) -> Callable:
+    batch = jax.device_put(batch)
+
+    def run():
+      jax.block_until_ready(self.eval_fn(self.state.variables, batch))
+    return run
+
+
+def jax_setup(config, batch_size: int, eval_batch_size: int,
+              dtype: str | None = None, compiler_options='default',
+              mean=None) -> JaxSetup:
+  """Builds model, optimizer and the library's real steps from a config,
+  and compiles both steps for the given batch sizes (timed).
+
+  Args:
+    config: a config from `configs/` (model, optimizer, augmentation).
+    batch_size: training batch.
+    eval_batch_size: evaluation batch.
+    dtype: 'float32' or 'bfloat16'; None takes `config.dtype`.
+    compiler_options: passed to `cnn.training.step.make_train_step`.
+    mean: training mean; zeros of the image shape when None.
+  """
+  name = config.model
+  num_classes = config.get('num_classes') or models.default_num_classes(name)
+  image_shape = tuple(models.default_input_shape(name))
+  dtype = DTYPES[dtype or config.get('dtype', 'float32')]
+  model = models.get_model(name, num_classes=num_classes, dtype=dtype,
+                           **dict(config.get('model_kwargs', {})))
+  tx = optim.make_optimizer(config)
+  schedule = optim.make_schedule(config)
+  if mean is None:
+    mean = np.zeros(image_shape, np.float32)
+  loss_fn = classification.make_loss_fn(
+      model, mean, augment=config.get('augment', 'crop_flip'),
+      pad=config.get('pad', 4), dtype=dtype)
+  train_step = step_lib.make_train_step(loss_fn, tx, schedule,
+                                        compiler_options=compiler_options)
+  eval_step = classification.make_eval_step(model, mean, dtype)
+  state = state_lib.create(
+      lambda r: classification.init_variables(model, image_shape, r), tx, 0)
+  setup = JaxSetup(name, model, train_step, eval_step, state, image_shape,
+                   num_classes)
+  train_batch = jax.device_put(
+      synthetic_batch(batch_size, image_shape, num_classes))
+  eval_batch = jax.device_put(
+      synthetic_batch(eval_batch_size, image_shape, num_classes, mask=True))
+  t = time.perf_counter()
+  setup.train_fn = train_step.lower(state, train_batch).compile()
+  setup.compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  setup.eval_fn = eval_step.lower(state.variables, eval_batch).compile()
+  setup.eval_compile_s = time.perf_counter() - t
+  return setup
+
+
+def pipeline_rate(data: input_pipeline.ArrayData, batch_size: int,
+                  num_batches: int, put: Callable = jax.device_put) -> float:
+  """Images/s of the training input pipeline alone: `TrainBatches.batch`
+  (index a seeded permutation, gather uint8) plus the host->device copy."""
+  batches = input_pipeline.TrainBatches(data, batch_size, seed=0)
+  jax.block_until_ready(put(batches.batch(0)))  # First-touch costs.
+  t = time.perf_counter()
+  for step in range(1, num_batches + 1):
+    jax.block_until_ready(put(batches.batch(step)))
+  return num_batches * batch_size / (time.perf_counter() - t)

@@ -1,0 +1,270 @@
+"""Sweeps: the members a config file lists, their folders and their state.
+
+A sweep is plain Python in a config file (big_vision style): besides
+`get_config(arg)`, which builds the config of one run, the file defines
+`sweep(arg)` returning the members as `(name, overrides)` pairs, where
+`overrides` maps config fields (dotted for nested ones, e.g.
+`'plateau.patience'`) to values. Member `m` is `get_config(arg)` with
+`m.overrides` applied, and runs in `workdir/<m.name>/`.
+
+A member folder is `done` when its final checkpoint and final evaluation
+exist, `partial` when training started (it resumes from its checkpoints),
+`failed` when the last attempt stopped with an error (recorded in
+`error.txt`), `new` otherwise. This module only computes; the runner
+(`experiments/sweep.py`) trains and prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.machinery
+import itertools
+import math
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+from cnn.errors import ConfigError
+from cnn.training.metric_writers import read_metrics
+
+DONE, PARTIAL, FAILED, NEW = 'done', 'partial', 'failed', 'new'
+ERROR_FILE = 'error.txt'
+_NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.+=-]*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One run of a sweep: a folder name and the config fields it changes."""
+  name: str
+  overrides: dict
+
+  def describe(self) -> str:
+    return ' '.join(f'{k}={v!r}' for k, v in self.overrides.items())
+
+
+def product(**axes: Sequence[Any]) -> list[dict]:
+  """All combinations of the axes, the last axis varying fastest.
+
+  >>> product(a=[1, 2], b=['x'])
+  [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}]
+  """
+  keys = list(axes)
+  return [dict(zip(keys, values))
+          for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def parse_arg(arg: str | None, presets: Iterable[str],
+              options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+  """Splits a sweep argument `PRESET[,key=value,...]`.
+
+  Args:
+    arg: e.g. `'cpu'` or `'paper,seeds=3,depths=20-56'`; None or '' picks
+      the first preset.
+    presets: the allowed preset names.
+    options: allowed keys with their defaults; a value is converted to the
+      default's type (an int, or a tuple of ints written `a-b-c`).
+
+  Returns:
+    The preset and the options with the given ones replaced.
+  """
+  presets = list(presets)
+  parts = [p.strip() for p in (arg or presets[0]).split(',') if p.strip()]
+  preset = parts[0] if parts else presets[0]
+  if preset not in presets:
+    raise ConfigError(f"unknown preset '{preset}'; use one of "
+                      f'{", ".join(presets)} (e.g. file.py:{presets[0]})')
+  out = dict(options)
+  for part in parts[1:]:
+    key, eq, value = part.partition('=')
+    if not eq or key not in options:
+      raise ConfigError(f"bad sweep option '{part}'; use key=value with key "
+                        f'one of {", ".join(options) or "(none)"}')
+    default = options[key]
+    try:
+      if isinstance(default, tuple):
+        out[key] = tuple(int(v) for v in value.split('-'))
+      else:
+        out[key] = type(default)(value)
+    except ValueError:
+      expected = ('ints joined by -' if isinstance(default, tuple)
+                  else type(default).__name__)
+      raise ConfigError(f"bad value in sweep option '{part}'; expected "
+                        f'{expected}') from None
+  return preset, out
+
+
+def load_module(path: str):
+  """Imports a config file by path (as ml_collections' config flags do)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path} not found; pass '
+                      '--config=configs/FILE.py:ARG')
+  name = 'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path))
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  return loader.load_module()  # pylint: disable=deprecated-method
+
+
+def members(module, arg: str | None) -> list[Member]:
+  """The members of the sweep defined by `module.sweep(arg)`."""
+  fn = getattr(module, 'sweep', None)
+  if fn is None:
+    raise ConfigError(f'{module.__file__} defines no sweep(arg); a sweep '
+                      'config lists its members as (name, overrides) pairs')
+  out = [Member(str(name), dict(overrides)) for name, overrides in fn(arg)]
+  seen = set()
+  for m in out:
+    if not _NAME_RE.match(m.name):
+      raise ConfigError(f"member name '{m.name}' is not a safe folder name; "
+                        'use letters, digits and _ . + = -')
+    if m.name in seen:
+      raise ConfigError(f"member name '{m.name}' appears twice in the sweep; "
+                        'names must be unique')
+    seen.add(m.name)
+  return out
+
+
+def select(all_members: list[Member], regex: str | None) -> list[Member]:
+  """The members whose name matches `regex` (re.search); all for None."""
+  if not regex:
+    return list(all_members)
+  try:
+    pattern = re.compile(regex)
+  except re.error as e:
+    raise ConfigError(f"--only='{regex}' is not a regular expression ({e})"
+                      ) from None
+  chosen = [m for m in all_members if pattern.search(m.name)]
+  if not chosen:
+    raise ConfigError(f"--only='{regex}' matches no member; members are "
+                      f'{", ".join(m.name for m in all_members)}')
+  return chosen
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with dotted-key overrides; unknown keys are errors."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      if p not in node:
+        raise ConfigError(f"sweep override '{key}': the config has no field "
+                          f"'{p}'")
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f"sweep override '{key}': the config has no field "
+                        f"'{leaf}'")
+    with node.unlocked():
+      node[leaf] = value
+  return c
+
+
+def member_dir(workdir: str, member: Member) -> str:
+  return os.path.join(workdir, member.name)
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Finished checkpoint steps (orbax renames a step folder when complete)."""
+  path = os.path.join(directory, 'checkpoints')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
+def status(directory: str, total_steps: int) -> str:
+  """`done`, `partial`, `failed` or `new` for a member folder."""
+  ckpts = checkpoint_steps(directory)
+  records = read_metrics(directory)
+  final_eval = any(r['step'] == total_steps and r['split'] != 'train'
+                   for r in records)
+  if total_steps in ckpts and final_eval:
+    return DONE
+  if os.path.exists(os.path.join(directory, ERROR_FILE)):
+    return FAILED
+  if ckpts or records:
+    return PARTIAL
+  return NEW
+
+
+def read_error(directory: str) -> str:
+  path = os.path.join(directory, ERROR_FILE)
+  if not os.path.exists(path):
+    return ''
+  with open(path) as f:
+    return f.read().strip()
+
+
+def write_error(directory: str, message: str) -> None:
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, ERROR_FILE), 'w') as f:
+    f.write(message.strip() + '\n')
+
+
+def clear_error(directory: str) -> None:
+  path = os.path.join(directory, ERROR_FILE)
+  if os.path.exists(path):
+    os.remove(path)
+
+
+def curves(records: list[dict], split: str, key: str = 'error'
+           ) -> tuple[list[int], list[float]]:
+  """Steps and values of `key` for one split of a metrics.jsonl."""
+  pts = [(r['step'], r[key]) for r in records
+         if r['split'] == split and key in r]
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def eval_split(records: list[dict]) -> str | None:
+  """The split test error is read from: 'test', else the first held-out."""
+  splits = [r['split'] for r in records if r['split'] != 'train']
+  if 'test' in splits:
+    return 'test'
+  return splits[0] if splits else None
+
+
+def summary_row(directory: str, name: str, total_steps: int,
+                metric: str = 'error', mode: str = 'min') -> dict:
+  """What the sweep table shows for one member: the task's held-out
+  `metric` (an error, or mAP with mode='max') last and best, and its train
+  value (the train loss where the train log has no such metric)."""
+  records = read_metrics(directory)
+  row = {'member': name, 'status': status(directory, total_steps),
+         'step': max((r['step'] for r in records), default=0),
+         'total': total_steps, 'metric': metric, 'train': math.nan,
+         'held_out': math.nan, 'best': math.nan,
+         'note': read_error(directory).splitlines()[0][:200]
+                 if read_error(directory) else ''}
+  _, train = curves(records, 'train', metric)
+  if not train:
+    _, train = curves(records, 'train', 'loss')
+    row['train_key'] = 'loss'
+  if train:
+    row['train'] = train[-1]
+  split = eval_split(records)
+  if split:
+    _, test = curves(records, split, metric)
+    if test:
+      row['held_out'] = test[-1]
+      row['best'] = min(test) if mode == 'min' else max(test)
+  return row
+
+
+def format_table(rows: list[dict]) -> str:
+  """A Markdown table of summary rows (errors in %, other metrics as is)."""
+  metric = rows[0]['metric'] if rows else 'error'
+  as_pct = metric.endswith('error')
+
+  def fmt(x):
+    if x != x:
+      return '-'
+    return f'{100 * x:.2f}' if as_pct else f'{x:.4f}'
+  unit = f'{metric} %' if as_pct else metric
+  train_unit = 'loss' if rows and rows[0].get('train_key') else unit
+  lines = [f'| member | status | step | train {train_unit} | test {unit} | '
+           f'best test {unit} | note |',
+           '|---|---|---|---|---|---|---|']
+  for r in rows:
+    train = (f"{r['train']:.4f}" if r.get('train_key') and r['train'] == r['train']
+             else fmt(r['train']))
+    lines.append(
+        f"| {r['member']} | {r['status']} | {r['step']}/{r['total']} | "
+        f"{train} | {fmt(r['held_out'])} | "
+        f"{fmt(r['best'])} | {r['note'].replace('|', '/')} |")
+  return '\n'.join(lines)

@@ -1,0 +1,203 @@
+"""Orbax checkpoints: save, restore-or-init, resume, best-by-metric.
+
+Each checkpoint is a step folder under `workdir/checkpoints` holding the train
+state and a small JSON `meta` item (model, dataset, classes, parameter
+shapes), which is read first so that a checkpoint of another model fails with
+one clear line instead of an orbax tree-mismatch traceback. The last
+`keep` checkpoints and the best one by the held-out metric are preserved.
+Saves are asynchronous; orbax writes to a temporary folder and renames it, so
+a run killed mid-save leaves the previous checkpoints intact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cnn.errors import CheckpointError
+
+
+# Orbax's notes on what this module does on purpose: a save without a metric
+# (a checkpoint between evaluations; the latest-N policy keeps it) and a
+# read-only manager (evaluating a finished run). Dropped so that a run's
+# console shows its progress lines only.
+_EXPECTED = ('Requested `tracked_metric`; did not provide metrics',
+             'CheckpointManagerOptions.read_only=True',
+             'Given directory is read only')
+
+
+class _QuietOrbax(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith(_EXPECTED)
+
+
+_FILTER = _QuietOrbax()
+
+
+def _quiet_orbax() -> None:
+  for name in ('absl', ''):
+    logger = logging.getLogger(name)
+    if _FILTER not in logger.filters:
+      logger.addFilter(_FILTER)
+
+
+def param_shapes(params) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {jax.tree_util.keystr(k): list(np.shape(v)) for k, v in flat}
+
+
+def describe(config, params) -> dict:
+  """The `meta` item: what a checkpoint must match to be restored."""
+  return {'model': config.model, 'dataset': config.dataset,
+          'param_shapes': param_shapes(params)}
+
+
+class Checkpointer:
+  """A CheckpointManager with the project's policies and error messages."""
+
+  def __init__(self, directory: str, keep: int = 2, best_mode: str = 'min',
+               read_only: bool = False):
+    _quiet_orbax()
+    self.directory = os.path.abspath(directory)
+    policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
+    # Best by the held-out metric (lower error is better).
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m['metric'], reverse=best_mode == 'min', n=1,
+        keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+            policies),
+        # best_fn only makes orbax write the metrics (it writes none
+        # without one); which checkpoints stay is the policy's decision.
+        best_fn=lambda m: m['metric'], best_mode=best_mode,
+        create=not read_only, read_only=read_only,
+        cleanup_tmp_directories=not read_only)
+    self.best_mode = best_mode
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_names=('state', 'meta'))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    scored = []
+    for step in self.steps():
+      try:
+        metrics = self.manager.metrics(step)
+      except Exception:  # pylint: disable=broad-except
+        metrics = None
+      if metrics and 'metric' in metrics:
+        scored.append((metrics['metric'], step))
+    if not scored:
+      return None
+    return (min(scored) if self.best_mode == 'min' else max(scored))[1]
+
+  def save(self, step: int, state, meta: dict, metric: float | None = None):
+    metrics = None if metric is None else {'metric': float(metric)}
+    self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+
+  def resolve(self, which: str | int) -> int:
+    """Step number for 'latest', 'best' or an explicit step."""
+    steps = self.steps()
+    if not steps:
+      raise CheckpointError(f'no checkpoint in {self.directory}; train first '
+                            'or point --workdir at a run that has one')
+    if which == 'latest':
+      return steps[-1]
+    if which == 'best':
+      best = self.best_step()
+      if best is None:
+        raise CheckpointError(f'no checkpoint in {self.directory} has a '
+                              'held-out metric; use --checkpoint=latest')
+      return best
+    try:
+      step = int(which)
+    except (TypeError, ValueError):
+      raise CheckpointError(f"checkpoint '{which}' is not latest, best or a "
+                            f'step number; available steps: {steps}') from None
+    if step not in steps:
+      raise CheckpointError(f'no checkpoint for step {step} in '
+                            f'{self.directory}; available steps: {steps}')
+    return step
+
+  def read_meta(self, step: int) -> dict:
+    try:
+      return self.manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._unreadable(step, e)) from None
+
+  def restore(self, step: int, target, meta: dict | None = None):
+    """Restores the state at `step` into the structure of `target`.
+
+    Args:
+      step: a step from `steps()`.
+      target: a state with the expected structure, shapes and shardings.
+      meta: when given, what the checkpoint's meta must match (model and
+        parameter shapes); a mismatch is a CheckpointError naming both.
+    """
+    if meta is not None:
+      saved = self.read_meta(step)
+      if saved.get('model') != meta['model']:
+        raise CheckpointError(
+            f"checkpoint {step} in {self.directory} was written by model "
+            f"'{saved.get('model')}', but the config asks for "
+            f"'{meta['model']}': use a fresh --workdir or the run's own config")
+      diff = _shape_mismatches(saved.get('param_shapes', {}),
+                               meta['param_shapes'])
+      if diff:
+        raise CheckpointError(
+            f'checkpoint {step} in {self.directory} does not fit the model '
+            f"'{meta['model']}' ({diff}): use a fresh --workdir or the run's "
+            'own config')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._unreadable(step, e)) from None
+    return restored['state']
+
+  def _unreadable(self, step: int, e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [''])[0][:160]
+    others = [s for s in self.steps() if s != step]
+    hint = (f'move {self.directory}/{step} aside to resume from step '
+            f'{others[-1]}' if others else 'use a fresh --workdir')
+    return (f'checkpoint {step} in {self.directory} is unreadable '
+            f'({type(e).__name__}: {first}): {hint}')
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _shape_mismatches(saved: dict, expected: dict) -> str:
+  missing = sorted(set(expected) - set(saved))
+  extra = sorted(set(saved) - set(expected))
+  wrong = sorted(k for k in set(saved) & set(expected)
+                 if list(saved[k]) != list(expected[k]))
+  parts = []
+  if missing:
+    parts.append(f'{len(missing)} parameters missing, e.g. {missing[0]}')
+  if extra:
+    parts.append(f'{len(extra)} unexpected, e.g. {extra[0]}')
+  if wrong:
+    k = wrong[0]
+    parts.append(f'{len(wrong)} with other shapes, e.g. {k} '
+                 f'{saved[k]} vs {expected[k]}')
+  return '; '.join(parts)

@@ -1,0 +1,396 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop, every task.
+
+`config.task` picks the task (`cnn.tasks`); the task supplies its data,
+model, loss and evaluation, and this loop does the rest for all of them:
+schedules and the plateau cut, weight decay, init_from / freeze, the data
+mesh, the NaN guard, checkpoints (last N + best by the task's held-out
+metric), exact resume, metrics.jsonl / TensorBoard / the progress line.
+
+Resumable and deterministic: the batch, the augmentation and the dropout of
+step `s` depend only on (seed, s), evaluation and checkpoint steps are fixed
+by the config, and the restored state is bitwise the saved one. A run killed
+at any moment and restarted on the same workdir therefore ends with the same
+numbers as an uninterrupted run (on CPU, where XLA is deterministic).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnn import tasks
+from cnn.data import input_pipeline
+from cnn.errors import ConfigError, NonFiniteLossError
+from cnn.tasks import base
+from cnn.training import checkpointing
+from cnn.training import optim
+from cnn.training import sharding
+from cnn.training import state as state_lib
+from cnn.training import step as step_lib
+from cnn.training import transfer
+
+REQUIRED_FIELDS = ('task', 'batch_size', 'num_train_steps', 'seed',
+                   'learning_rate', 'lr_schedule', 'weight_decay', 'momentum',
+                   'eval_every_steps', 'checkpoint_every_steps')
+
+
+def validate_config(config, task) -> None:
+  """Raises ConfigError (one line) for values that cannot work."""
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ConfigError(f'config lacks fields {missing}; start from a config in '
+                      'configs/')
+  for field in ('batch_size', 'eval_every_steps', 'checkpoint_every_steps',
+                'log_every_steps'):
+    if field in config and int(config[field]) < 1:
+      raise ConfigError(f'{field}={config[field]} must be a positive integer')
+  if int(config.num_train_steps) < 0:
+    raise ConfigError(f'num_train_steps={config.num_train_steps} must be >= 0 '
+                      '(0: evaluate only)')
+  optim.validate(config)
+  task.validate()
+
+
+def log_interval(config) -> int:
+  """Train-log interval dividing the eval and checkpoint intervals.
+
+  Train metrics are averaged over the steps since the previous log point;
+  aligning log points with checkpoints keeps that window identical after a
+  resume.
+  """
+  return math.gcd(int(config.get('log_every_steps', 100)),
+                  int(config.eval_every_steps),
+                  int(config.checkpoint_every_steps))
+
+
+def monitor_split(config, evals: dict) -> str | None:
+  """The held-out split whose metric picks the best checkpoint and drives
+  the plateau schedule."""
+  if config.lr_schedule == 'plateau':
+    monitor = config.plateau.monitor
+    if monitor not in evals:
+      raise ConfigError(
+          f"plateau.monitor='{monitor}' is not a held-out split of this run "
+          f"(it has {', '.join(sorted(evals)) or 'none'}); set "
+          '--config.plateau.monitor to one of them')
+    return monitor
+  return 'val' if 'val' in evals else ('test' if 'test' in evals else None)
+
+
+class Run:
+  """Task, data, model, optimizer, step and checkpointer of one config;
+  shared by the training loop and by the evaluation of a finished run."""
+
+  def __init__(self, config, workdir: str, read_only: bool = False,
+               train: bool = True):
+    self.task = tasks.get(config)
+    validate_config(config, self.task)
+    self.config = config
+    self.workdir = workdir
+    sharding.maybe_initialize_distributed()
+    self.mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.batch_size, self.mesh)
+    if 'eval_batch_size' in config:
+      sharding.check_batch_size(config.eval_batch_size, self.mesh,
+                                'eval_batch_size')
+    self.data = self.task.load_data(workdir, train=train)
+    self.monitor = monitor_split(config, self.data.evals)
+    self.model = self.task.make_model(self.data)
+    self.tx = optim.make_optimizer(config)
+    self.schedule = optim.make_schedule(config)
+    self.step_model, self.frozen = self.model, None
+    spec = self.task.freeze_spec()
+    if spec:
+      self._freeze(spec)
+    self._train_step = None
+    self.checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, 'checkpoints'),
+        keep=config.get('keep_checkpoints', 2),
+        best_mode=self.task.metric_mode, read_only=read_only)
+
+  def _init_variables(self, rng):
+    return self.task.init_variables(self.model, self.data, rng)
+
+  def _freeze(self, spec: str):
+    """Masks, optimizer partition and BN wrapper for a freeze spec."""
+    shapes = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
+    masks = transfer.freeze_masks(spec, shapes['params'],
+                                  shapes.get('batch_stats', {}))
+    self.tx = transfer.freeze_optimizer(self.tx, masks[0])
+    self.step_model = transfer.FrozenBatchNorm(
+        self.model, transfer.frozen_modules(masks[1]))
+    self.frozen = masks
+
+  @property
+  def train_step(self):
+    if self._train_step is None:
+      self._train_step = step_lib.make_train_step(
+          self.task.loss_fn(self.step_model, self.data), self.tx,
+          self.schedule, frozen=self.frozen,
+          compiler_options=self.task.compiler_options)
+    return self._train_step
+
+  def init_state(self):
+    state = state_lib.create(self._init_variables, self.tx, self.config.seed)
+    return sharding.replicate(state, self.mesh)
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state, nothing computed."""
+    abstract = jax.eval_shape(
+        lambda: state_lib.create(self._init_variables, self.tx,
+                                 self.config.seed))
+    replicated = jax.sharding.NamedSharding(self.mesh,
+                                            jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        abstract)
+
+  def load_init_from(self, state):
+    """`state` with params and batch_stats from `config.init_from`."""
+    params, batch_stats, message = self.task.load_init_from(
+        self.config.init_from, jax.device_get(state.params),
+        jax.device_get(state.batch_stats))
+    print(message, flush=True)
+    state = state.replace(params=params, batch_stats=batch_stats,
+                          opt_state=self.tx.init(params))
+    return sharding.replicate(state, self.mesh)
+
+  def meta(self, state) -> dict:
+    meta = dict(self.task.meta())
+    meta['task'] = self.task.name
+    meta['param_shapes'] = checkpointing.param_shapes(state.params)
+    return meta
+
+  def restore(self, state, which='latest'):
+    step = self.checkpointer.resolve(which)
+    restored = self.checkpointer.restore(step, state, meta=self.meta(state))
+    return sharding.replicate(restored, self.mesh)
+
+  def shard(self, batch: dict) -> dict:
+    """This process's part of a global host batch, on the mesh."""
+    if jax.process_count() > 1:
+      n = len(next(iter(jax.tree.leaves(batch)))) // jax.process_count()
+      i = jax.process_index()
+      batch = jax.tree.map(lambda v: v[i * n:(i + 1) * n], batch)
+    return sharding.shard_batch(batch, self.mesh)
+
+  def evaluate(self, state, split: str, final: bool = False) -> dict:
+    if split not in self.data.evals:
+      raise ConfigError(f"split '{split}' is not held out in this run; "
+                        f'choose one of {sorted(self.data.evals)}')
+    return self.task.evaluate(self.model, state.variables, self.data, split,
+                              final=final, shard=self.shard)
+
+
+def _check_finite(window: list, first_step: int, checkpointer,
+                  what: str = 'loss is') -> None:
+  losses = np.asarray(jax.device_get([m['loss'] for m in window]))
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    last = checkpointer.latest_step()
+    kept = (f'the last good checkpoint, step {last}, is kept in '
+            f'{checkpointer.directory}' if last is not None
+            else 'no checkpoint had been written yet')
+    raise NonFiniteLossError(
+        f'{what} {losses[bad[0]]} at step {step}; {kept}; lower '
+        '--config.learning_rate or add warm-up (--config.warmup_steps)')
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x))
+                              for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite_params(state, step: int, checkpointer) -> None:
+  """Never checkpoint a diverged state (finite loss, overflowed weights)."""
+  if not bool(_all_finite(state.params)):
+    _check_finite([{'loss': jnp.float32(np.nan)}], step - 1, checkpointer,
+                  what='parameters are')
+
+
+def _logged(result: dict) -> dict:
+  """A result's metrics for metrics.jsonl: 'examples' is a count."""
+  return {k: v for k, v in result.items() if k != 'examples'}
+
+
+def _print_eval(task, results: dict, seconds: float) -> None:
+  print('  eval ' + ' | '.join(
+      f'{split} {base.format_metrics(r, task.eval_keys)}'
+      for split, r in results.items()) + f' ({seconds:.1f}s)', flush=True)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains the config's task in `workdir`, evaluating and checkpointing.
+
+  Args:
+    config: a ConfigDict as built by `configs/*.py` (with `task`).
+    workdir: run folder: checkpoints/, metrics.jsonl, tensorboard/,
+      config.json. An existing run there is resumed.
+
+  Returns:
+    The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
+  """
+  # Local import: metric writing pulls in TensorFlow's summary ops.
+  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  run = Run(config, workdir)
+  task = run.task
+  start = 0
+  if run.checkpointer.latest_step() is not None:
+    # Restored straight into the abstract state: no init to compile.
+    state = run.restore(run.abstract_state(), 'latest')
+    start = int(state.step)
+    print(f'resuming from step {start} in {workdir}', flush=True)
+  else:
+    state = run.init_state()
+    if config.get('init_from', ''):
+      # Only a fresh run starts from another run's weights; a resumed one
+      # continues from its own checkpoint above.
+      state = run.load_init_from(state)
+  # Only after the checkpoint proved compatible: never overwrite the record
+  # of another run's config.
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+  total = int(config.num_train_steps)
+  log_every = log_interval(config)
+  writer = metric_writers.MetricWriter(workdir, resume_step=start,
+                                       tensorboard=config.get('tensorboard',
+                                                              True))
+  progress = metric_writers.Progress(total, start, config.batch_size)
+  if start < total:
+    if run.data.train is not None:
+      batches = input_pipeline.TrainBatches(run.data.train, config.batch_size,
+                                            config.seed)
+      next_batch = lambda s: run.data.train.batch(batches.indices(s))
+      epoch_of = batches.epoch_of
+    else:
+      stream = iter(run.data.train_stream)
+      next_batch = lambda _: next(stream)
+      epoch_of = lambda _: 0.0
+
+  def evaluate_all(s: int, final: bool) -> dict:
+    t_eval = time.perf_counter()
+    results = {}
+    for split in run.data.evals:
+      results[split] = run.evaluate(state, split, final=final)
+      writer.write(s, split, **_logged(results[split]))
+    _print_eval(task, results, time.perf_counter() - t_eval)
+    return results
+
+  last_eval: dict = {}
+  window: list = []
+  window_start = start
+  batch = run.shard(next_batch(start)) if start < total else None
+  compiled = False
+  try:
+    if total == 0:
+      # An evaluation-only run (e.g. localization's `both` stage).
+      last_eval = evaluate_all(0, final=True)
+      if run.checkpointer.latest_step() is None:
+        run.checkpointer.save(0, state, run.meta(state))
+    for step in range(start, total):
+      state, metrics = run.train_step(state, batch)
+      window.append(metrics)
+      s = step + 1
+      if s < total:
+        # Prepared while the device runs the step just dispatched.
+        batch = run.shard(next_batch(s))
+      if not compiled:
+        jax.block_until_ready(state.step)
+        progress.reset_clock(s)
+        compiled = True
+      is_eval = s % config.eval_every_steps == 0 or s == total
+      is_ckpt = s % config.checkpoint_every_steps == 0 or s == total
+      if s % log_every == 0 or is_eval or is_ckpt:
+        _check_finite(window, window_start, run.checkpointer)
+        host = jax.device_get(window)
+        # The loss first, then the task's metrics (sorted, as jit returns).
+        keys = ['loss'] + [k for k in host[0]
+                           if k not in ('loss', 'learning_rate')]
+        means = {k: float(np.mean([m[k] for m in host])) for k in keys}
+        lr = float(host[-1]['learning_rate'])
+        writer.write(s, 'train', learning_rate=lr, epoch=epoch_of(s),
+                     **means)
+        progress.log(s, **{k: means[k] for k in task.log_keys}, lr=lr)
+        window, window_start = [], s
+      if is_eval:
+        last_eval = evaluate_all(s, final=s == total)
+        if config.lr_schedule == 'plateau':
+          metric = last_eval[run.monitor][task.metric]
+          # plateau_update lowers the rate when its metric stops falling.
+          signed = metric if task.metric_mode == 'min' else -metric
+          state = state.replace(plateau=optim.plateau_update(
+              jax.device_get(state.plateau), signed, config))
+          state = sharding.replicate(state, run.mesh)
+        progress.reset_clock(s)
+      if is_ckpt:
+        _check_finite_params(state, s, run.checkpointer)
+        metric = (last_eval[run.monitor][task.metric]
+                  if is_eval and run.monitor else None)
+        run.checkpointer.save(s, state, run.meta(state), metric=metric)
+      writer.flush()
+  finally:
+    run.checkpointer.close()
+    writer.close()
+  return last_eval
+
+
+def load_config(workdir: str):
+  """The ConfigDict of a run folder's config.json."""
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{path} not found: --workdir must be a training run '
+                      'folder')
+  with open(path) as f:
+    config = config_dict.ConfigDict(json.load(f))
+  if 'task' not in config:
+    # Runs written before config.task existed.
+    config.task = ('detection' if 'kind' in config else
+                   'localization' if 'stage' in config else 'classification')
+  return config
+
+
+def restore_run(workdir: str, checkpoint: str | int = 'latest',
+                train: bool = False):
+  """(run, state, step) of a finished or running run's checkpoint."""
+  run = Run(load_config(workdir), workdir, read_only=True, train=train)
+  try:
+    step = run.checkpointer.resolve(checkpoint)
+    state = run.restore(run.abstract_state(), step)
+  finally:
+    run.checkpointer.close()
+  return run, state, step
+
+
+def evaluate_checkpoint(workdir: str, split: str = 'test',
+                        checkpoint: str | int = 'latest',
+                        picture: str | None = None) -> dict:
+  """Restores a run's checkpoint and evaluates it on one held-out split.
+
+  Args:
+    workdir: a run folder of any task.
+    split: a held-out split of the run ('test', 'val').
+    checkpoint: 'latest', 'best' or a step.
+    picture: where to draw the checkpoint's predictions on test images (a
+      PNG; localization and detection), or None.
+
+  Returns:
+    The task's metrics, plus 'step' and 'task'.
+  """
+  run, state, step = restore_run(workdir, checkpoint)
+  result = run.evaluate(state, split, final=True)
+  if picture:
+    run.task.picture(run.model, state.variables, run.data, picture)
+  result['step'] = step
+  result['task'] = run.task.name
+  result['eval_keys'] = run.task.eval_keys
+  return result

@@ -1,0 +1,108 @@
+"""Run logs: `metrics.jsonl` (the source of truth), TensorBoard, console.
+
+One JSON object per logged point: `{"step", "split", "loss", "error", ...}`.
+On resume the lines past the restored step are dropped first: the resumed run
+writes them again, identically, so the file never holds a step twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of `workdir/metrics.jsonl` (empty when absent)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # A line cut by a kill mid-write: everything after is stale.
+  return out
+
+
+class MetricWriter:
+  """Appends records to metrics.jsonl and TensorBoard event files."""
+
+  def __init__(self, workdir: str, resume_step: int = 0,
+               tensorboard: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      for r in kept:
+        f.write(json.dumps(r) + '\n')
+    os.replace(tmp, self.path)  # Atomic: a kill here loses nothing.
+    self._file = open(self.path, 'a', buffering=1)
+    self._tb = None
+    if tensorboard:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tb = tf.summary.create_file_writer(
+          os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, split: str, **values):
+    record = {'step': int(step), 'split': split}
+    record.update({k: float(v) for k, v in values.items()})
+    self._file.write(json.dumps(record) + '\n')
+    if self._tb is not None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      with self._tb.as_default(step=int(step)):
+        for k, v in values.items():
+          tf.summary.scalar(f'{split}/{k}', float(v))
+
+  def flush(self):
+    self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self):
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A console line per log point: step, loss, error, lr, steps/s, ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, batch_size: int,
+               stream=None):
+    self.total = total_steps
+    self.batch_size = batch_size
+    self.stream = stream or sys.stdout
+    self._t0 = time.perf_counter()
+    self._s0 = start_step
+
+  def reset_clock(self, step: int):
+    """Restarts the rate clock (after compilation or evaluation)."""
+    self._t0 = time.perf_counter()
+    self._s0 = step
+
+  def rate(self, step: int) -> float:
+    dt = time.perf_counter() - self._t0
+    return (step - self._s0) / dt if dt > 0 and step > self._s0 else 0.0
+
+  def line(self, step: int, **values) -> str:
+    rate = self.rate(step)
+    eta = (self.total - step) / rate if rate else float('nan')
+    vals = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+    return (f'step {step}/{self.total} | {vals} | {rate:.2f} steps/s '
+            f'{rate * self.batch_size:.0f} img/s | ETA {_hms(eta)}')
+
+  def log(self, step: int, **values):
+    print(self.line(step, **values), file=self.stream, flush=True)
+
+
+def _hms(seconds: float) -> str:
+  if seconds != seconds:  # NaN
+    return '?'
+  s = int(seconds)
+  return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'

@@ -1,0 +1,184 @@
+"""A run folder that cannot mix or lose runs: a lock, and the config check.
+
+* `lock(workdir)`: one training process per folder. An exclusive `flock` on
+  `workdir/.lock` (the kernel drops it when the process dies, so a stale
+  lock of a killed run is simply taken over); the holder's pid is written
+  in the file for the error line.
+* `resume_check(saved, config, start)`: a resumed run must be the run that
+  is on disk. Every field that differs from the saved config.json is named;
+  only what cannot change the steps already taken may differ: the eval /
+  log / checkpoint cadence, how many checkpoints are kept, TensorBoard, and
+  a longer `num_train_steps` when the learning rates of the steps taken stay
+  the same (constant, step with absolute milestones, plateau; not cosine,
+  nor milestones given as fractions of the run).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+
+import numpy as np
+
+from cnn.errors import ConfigError, UserError
+
+# Fields that shape the logs and checkpoints but not a single number of the
+# steps already taken.
+CADENCE = ('eval_every_steps', 'log_every_steps', 'checkpoint_every_steps',
+           'keep_checkpoints', 'tensorboard', 'proposals.processes')
+
+
+class WorkdirInUse(UserError):
+  """Another live process trains in this folder."""
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def as_json(config) -> dict:
+  """A ConfigDict as config.json holds it (tuples as lists, ...)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _learning_rates(flat: dict, steps: int) -> np.ndarray:
+  """The scheduled rate of steps 0..steps-1 under a (flat) config."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  from cnn.training import optim  # pylint: disable=g-import-not-at-top
+  schedule = optim.make_schedule(config_dict.ConfigDict(_unflat(flat)))
+  return np.asarray(jax.vmap(schedule)(jnp.arange(steps, dtype=jnp.int32)))
+
+
+def resume_check(saved: dict, config, start: int) -> list[str]:
+  """What differs between a run's saved config and the resuming one.
+
+  Args:
+    saved: the run's config.json.
+    config: the config asked for now.
+    start: the steps already taken (the restored checkpoint's step).
+
+  Returns:
+    Notes on the allowed differences ('eval_every_steps 100 -> 200').
+
+  Raises:
+    ConfigError: one line naming every field that would change the run.
+  """
+  new = _flat(as_json(config))
+  old = _flat(saved)
+  # Runs written before config.task existed.
+  old.setdefault('task', new.get('task'))
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  bad, notes = [], []
+  for k in changed:
+    what = f'{k} {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}'
+    if k in CADENCE:
+      notes.append(what)
+    elif k == 'num_train_steps' and new[k] > old[k]:
+      # Allowed when the steps already taken keep their learning rates.
+      same = np.array_equal(_learning_rates(old, start),
+                            _learning_rates({**old, k: new[k]}, start))
+      if same:
+        notes.append(what)
+      else:
+        bad.append(what + ' (it changes the learning rate of steps already '
+                   'taken)')
+    else:
+      bad.append(what)
+  if bad:
+    raise ConfigError(
+        f'the run in this workdir (step {start}) was trained with another '
+        f'config: {"; ".join(bad)}; use a fresh --workdir, or the saved '
+        'values (config.json)')
+  return notes
+
+
+def _unflat(flat: dict) -> dict:
+  out: dict = {}
+  for k, v in flat.items():
+    node = out
+    parts = k.split('.')
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return out
+
+
+def read_config(workdir: str) -> dict | None:
+  """The saved config.json, None when there is none.
+
+  Raises:
+    ConfigError: it is not valid JSON.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); restore it from the '
+                      'command that started the run') from None
+
+
+def write_config(workdir: str, config) -> None:
+  """config.json, atomically (a kill leaves the old one or the new one)."""
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+def prepare(workdir: str) -> None:
+  """Creates the run folder; one line when it cannot be one."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f'--workdir={workdir} is a file, not a folder; choose '
+                    'another --workdir')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'--workdir={workdir} cannot be written '
+                    f'({e.strerror or e}); choose a folder you can write') from None
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds the folder's training lock for the `with` block.
+
+  Raises:
+    WorkdirInUse: a live process holds it (its pid is named).
+  """
+  path = os.path.join(workdir, '.lock')
+  f = open(path, 'a+')  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      f.seek(0)
+      pid = f.read().strip() or '?'
+      raise WorkdirInUse(
+          f'workdir {workdir} in use by pid {pid}: wait for that run to end '
+          '(or stop it), or use another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    yield
+  finally:
+    f.close()  # releases the flock

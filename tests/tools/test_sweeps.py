@@ -1,0 +1,157 @@
+"""Sweeps: member expansion and naming, dry-run, skip/resume/failure on real
+tiny runs (tfds mock data), worker subprocesses."""
+import json
+import os
+import types
+
+import pytest
+import tensorflow_datasets as tfds
+
+from cnn.tools import sweeps
+from cnn import tasks
+from cnn.training import loop
+from cnn.errors import ConfigError, UserError
+from cnn.training.metric_writers import read_metrics
+from configs import lr_schedules
+from configs import plain_vs_resnet
+from experiments import sweep as sweep_cmd
+from tests.conftest import ROOT
+
+PVR = str(ROOT / 'configs' / 'plain_vs_resnet.py')
+
+
+def names(arg, module=plain_vs_resnet):
+  return [n for n, _ in module.sweep(arg)]
+
+
+def test_plain_vs_resnet_members_cover_the_paper():
+  paper = dict(plain_vs_resnet.sweep('paper'))
+  assert sorted(paper) == sorted(
+      [f'plain{d}_s0' for d in (20, 32, 44, 56)] +
+      [f'resnet{d}_s0' for d in (20, 32, 44, 56, 110)])
+  assert paper['plain56_s0'] == {'model': 'cifar_plain56', 'seed': 0}
+  # Only ResNet-110 warms up (paper: 0.01 for about 400 iterations).
+  assert paper['resnet110_s0']['warmup_steps'] == 400
+  assert all('warmup_steps' not in v for k, v in paper.items()
+             if k != 'resnet110_s0')
+  # Depth-major: a plain/ResNet pair finishes together.
+  assert names('cpu,seeds=1') == ['plain8_s0', 'resnet8_s0', 'plain20_s0',
+                                  'resnet20_s0']
+  assert names('cpu')[:3] == ['plain8_s0', 'plain8_s1', 'resnet8_s0']
+  assert len(names('cpu,seeds=3')) == 12
+  assert names('paper,depths=32-44') == ['plain32_s0', 'resnet32_s0',
+                                         'plain44_s0', 'resnet44_s0']
+
+
+def test_presets_share_one_recipe_scaled_to_their_length():
+  paper = plain_vs_resnet.get_config('paper')
+  assert (paper.num_train_steps, tuple(paper.lr_milestones)) == (
+      64_000, (32_000, 48_000))
+  assert (paper.batch_size, paper.learning_rate, paper.momentum,
+          paper.weight_decay) == (128, 0.1, 0.9, 1e-4)
+  cpu = plain_vs_resnet.get_config('cpu')
+  assert tuple(cpu.lr_milestones) == (cpu.num_train_steps // 2,
+                                      cpu.num_train_steps * 3 // 4)
+  assert cpu.batch_size == 128 and cpu.augment == 'crop_flip'
+  with pytest.raises(ConfigError, match='unknown preset'):
+    plain_vs_resnet.get_config('gpu')
+  with pytest.raises(ConfigError, match="sweep option 'seed=2'"):
+    plain_vs_resnet.sweep('cpu,seed=2')
+
+
+def test_lr_schedule_members_override_nested_fields():
+  members = dict(lr_schedules.sweep('cpu'))
+  assert list(members)[0] == 'step_s0'
+  assert len(members) == 1 + 2 * 2  # step + factors x patiences
+  base = lr_schedules.get_config('cpu')
+  c = sweeps.apply_overrides(base, members['plateau_f0.5_p2_s0'])
+  assert (c.lr_schedule, c.lr_factor, c.plateau.patience) == (
+      'plateau', 0.5, 2)
+  assert base.lr_schedule == 'step'  # The base is not modified.
+  assert c.val_examples == 5000 and c.plateau.monitor == 'val'
+  loop.validate_config(c, tasks.get(c))  # Plateau on a held-out split: a valid config.
+  with pytest.raises(ConfigError, match="no field 'patients'"):
+    sweeps.apply_overrides(base, {'plateau.patients': 3})
+
+
+def test_member_names_must_be_unique_and_safe():
+  dup = types.SimpleNamespace(__file__='dup.py',
+                              sweep=lambda arg: [('a', {}), ('a', {})])
+  with pytest.raises(ConfigError, match='twice'):
+    sweeps.members(dup, None)
+  bad = types.SimpleNamespace(__file__='bad.py',
+                              sweep=lambda arg: [('../x', {})])
+  with pytest.raises(ConfigError, match='safe folder name'):
+    sweeps.members(bad, None)
+  ms = sweeps.members(plain_vs_resnet, 'cpu,seeds=1')
+  assert [m.name for m in sweeps.select(ms, '20')] == ['plain20_s0',
+                                                       'resnet20_s0']
+  with pytest.raises(ConfigError, match='matches no member'):
+    sweeps.select(ms, 'vgg')
+
+
+def _run(arg, workdir, **kwargs):
+  base = plain_vs_resnet.get_config(arg)
+  with tfds.testing.mock_data(num_examples=24):
+    sweep_cmd.run(f'{PVR}:{arg}', base, str(workdir), **kwargs)
+
+
+def test_sweep_dry_run_skip_resume_and_failure(tmp_path, capsys):
+  # Depth 9 is not 6n+2: those members fail; the others must still run.
+  arg = 'local,depths=9-8'
+  plain8 = tmp_path / 'plain8_s0'
+  # An interrupted member: 2 of its 4 steps done.
+  c = sweeps.apply_overrides(plain_vs_resnet.get_config(arg),
+                             {'model': 'cifar_plain8', 'num_train_steps': 2})
+  with tfds.testing.mock_data(num_examples=24):
+    loop.train_and_evaluate(c, str(plain8))
+  capsys.readouterr()
+
+  _run(arg, tmp_path, dry_run=True)
+  out = capsys.readouterr().out
+  assert '4 members' in out and "model='cifar_resnet9'" in out
+  assert [line.split()[:2] for line in out.splitlines()[1:]] == [
+      ['plain9_s0', 'new'], ['resnet9_s0', 'new'], ['plain8_s0', 'partial'],
+      ['resnet8_s0', 'new']]
+  assert sorted(os.listdir(tmp_path)) == ['plain8_s0']  # Nothing ran.
+
+  with pytest.raises(UserError, match='2 member.*failed: plain9_s0, '
+                     'resnet9_s0'):
+    _run(arg, tmp_path)
+  out = capsys.readouterr().out
+  assert 'resuming from step 2' in out  # plain8 went on from its checkpoint.
+  assert '| plain8_s0 | done | 4/4 |' in out
+  assert '| resnet8_s0 | done | 4/4 |' in out
+  assert '| plain9_s0 | failed | 0/4 |' in out and 'cifar_plain{6n+2}' in out
+  for name, model in (('plain8_s0', 'cifar_plain8'),
+                      ('resnet8_s0', 'cifar_resnet8')):
+    d = tmp_path / name
+    assert json.load(open(d / 'config.json'))['model'] == model
+    assert sweeps.status(str(d), 4) == sweeps.DONE
+    assert [r['step'] for r in read_metrics(str(d))
+            if r['split'] == 'train'] == [1, 2, 3, 4]  # No step twice.
+  assert sweeps.read_error(str(tmp_path / 'resnet9_s0')).startswith('error: ')
+
+  # A finished sweep: nothing is trained, the table is printed.
+  mtime = os.path.getmtime(plain8 / 'metrics.jsonl')
+  _run(arg, tmp_path, only='8_')
+  out = capsys.readouterr().out
+  assert '===' not in out and 'resuming' not in out
+  assert out.count('| done |') == 2
+  assert os.path.getmtime(plain8 / 'metrics.jsonl') == mtime
+
+
+def test_parallel_workers_report_their_failures(tmp_path):
+  # Workers are separate processes (no mock data there): members whose
+  # config is invalid fail before reading data, which is what is checked.
+  arg = 'local,depths=9'
+  with pytest.raises(UserError, match='2 member'):
+    sweep_cmd.run(f'{PVR}:{arg}', plain_vs_resnet.get_config(arg),
+                  str(tmp_path), parallel=2,
+                  argv=[f'--config={PVR}:{arg}', f'--workdir={tmp_path}',
+                        '--parallel=2', '--only', 'x'])
+  for name in ('plain9_s0', 'resnet9_s0'):
+    d = tmp_path / name
+    assert 'is not of the form 6n+2' in sweeps.read_error(str(d))
+    assert sweeps.status(str(d), 4) == sweeps.FAILED
+    assert 'error:' in (d / 'sweep.log').read_text()

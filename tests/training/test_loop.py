@@ -1,0 +1,230 @@
+"""End-to-end training on tfds mock data: logs, checkpoints, exact resume,
+errors; plus one integration run on the real cifar10_jpeg."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cnn import models
+from cnn.training import loop
+from cnn.training import optim
+from cnn.training import step as step_lib
+from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
+from tests.conftest import (ROOT, SHARED_TFDS, classifier_step,
+                            requires_cifar10_jpeg, small_config)
+
+
+def run(config, workdir, num_examples=24):
+  with tfds.testing.mock_data(num_examples=num_examples):
+    return loop.train_and_evaluate(config, str(workdir))
+
+
+def records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_end_to_end_writes_logs_checkpoints_and_resumes_exactly(tmp_path):
+  straight, parts = tmp_path / 'straight', tmp_path / 'parts'
+  c = small_config(steps=4, val_examples=8)
+  final = run(c, straight)
+  assert set(final) == {'val', 'test'}
+  recs = records(straight)
+  assert {(r['step'], r['split']) for r in recs} >= {
+      (1, 'train'), (4, 'train'), (2, 'val'), (4, 'test')}
+  train_rec = [r for r in recs if r['split'] == 'train'][0]
+  assert {'loss', 'error', 'learning_rate'} <= set(train_rec)
+  assert os.listdir(straight / 'tensorboard')
+  assert json.load(open(straight / 'config.json'))['model'] == 'cifar_resnet8'
+  assert sorted(os.listdir(straight / 'checkpoints')) == ['2', '4']
+
+  # k steps, stop, resume to 2k == 2k straight, bit for bit.
+  run(small_config(steps=2, val_examples=8), parts)
+  resumed = run(c, parts)
+  assert records(parts) == recs
+  assert resumed == final
+
+
+def test_loss_falls_on_a_fixed_batch():
+  model = models.get_model('cifar_resnet8', num_classes=10)
+  c = small_config(weight_decay=0.0)
+  tx = optim.make_optimizer(c)
+  train_step, state = classifier_step(model, tx, lambda s: jnp.float32(0.05),
+                                      augment='none')
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+  losses = []
+  for _ in range(15):
+    state, m = train_step(state, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < 0.5 * losses[0]
+  # Jitted once: fifteen calls, one trace.
+  assert train_step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_cpu_compiler_options_keep_the_math():
+  """The library's CPU train-step options change speed, not results."""
+  model = models.get_model('cifar_resnet8', num_classes=10)
+  c = small_config()
+  tx = optim.make_optimizer(c)
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  results = []
+  for options in (step_lib.CPU_COMPILER_OPTIONS, None):
+    train_step, state = classifier_step(model, tx, optim.make_schedule(c),
+                                        compiler_options=options)
+    for _ in range(3):
+      state, m = train_step(state, batch)
+    results.append((jax.device_get(state.params), float(m['loss'])))
+  (p_a, loss_a), (p_b, loss_b) = results
+  assert loss_a == pytest.approx(loss_b, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_config_values_are_one_line_errors(tmp_path):
+  with pytest.raises(ConfigError, match='cifar_resnet{6n'):
+    run(small_config(model='cifar_resnet21'), tmp_path / 'a')
+  with pytest.raises(ConfigError, match='lr_schedule'):
+    run(small_config(lr_schedule='bogus'), tmp_path / 'b')
+  with pytest.raises(ConfigError, match='val_examples'):
+    run(small_config(lr_schedule='plateau'), tmp_path / 'c')
+  assert not (tmp_path / 'a' / 'config.json').exists()
+
+
+def test_foreign_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+  wd = tmp_path / 'run'
+  run(small_config(steps=2), wd)
+  before = records(wd)
+  with pytest.raises(CheckpointError, match="'cifar_resnet8'.*'cifar_plain8'"):
+    run(small_config(model='cifar_plain8', steps=4), wd)
+  with pytest.raises(CheckpointError, match='does not fit'):
+    run(small_config(steps=4, model_kwargs={'shortcut': 'B'}), wd)
+  # Corrupt the saved arrays: restoring fails with one line, nothing lost.
+  state_dir = wd / 'checkpoints' / '2' / 'state'
+  for root, _, files in os.walk(state_dir):
+    for name in files:
+      if name.startswith('ocdbt') or root.endswith('d'):
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.write(b'\0' * 64)
+  for root, _, files in os.walk(state_dir / 'd'):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  with pytest.raises(CheckpointError, match='unreadable') as e:
+    run(small_config(steps=4), wd)
+  assert '\n' not in str(e.value)
+  assert records(wd) == before
+  assert (wd / 'checkpoints' / '2').exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  wd = tmp_path / 'run'
+  run(small_config('lenet5', steps=2), wd)
+  c = small_config('lenet5', steps=6, learning_rate=1e30, lr_schedule='step',
+                   lr_milestones=(3,), lr_factor=1e30)
+  with pytest.raises(NonFiniteLossError, match='at step') as e:
+    run(c, wd)
+  assert 'step 2' in str(e.value)  # The last good checkpoint is named.
+  assert (wd / 'checkpoints' / '2').exists()
+  assert not (wd / 'checkpoints' / '6').exists()
+
+
+def test_evaluate_checkpoint_restores_latest_and_best(tmp_path):
+  wd = tmp_path / 'run'
+  final = run(small_config('lenet5', steps=4, val_examples=8), wd)
+  with tfds.testing.mock_data(num_examples=24):
+    r = loop.evaluate_checkpoint(str(wd), 'test', 'latest')
+    assert r['step'] == 4
+    assert r['error'] == pytest.approx(final['test']['error'])
+    assert r['examples'] == 24
+    best = loop.evaluate_checkpoint(str(wd), 'val', 'best')
+    assert best['step'] in (2, 4)
+    with pytest.raises(CheckpointError, match='available steps'):
+      loop.evaluate_checkpoint(str(wd), 'test', '3')
+
+
+@requires_cifar10_jpeg
+def test_integration_real_cifar10_jpeg(tmp_path):
+  """A few real steps on the prepared CIFAR-10 copy, with a held-out split."""
+  c = small_config(steps=6, dataset='cifar10_jpeg', data_dir=str(SHARED_TFDS),
+                   val_examples=500, test_split='test[:500]', batch_size=32,
+                   eval_batch_size=250)
+  c.eval_every_steps = 6
+  c.checkpoint_every_steps = 6
+  final = loop.train_and_evaluate(c, str(tmp_path))
+  assert final['val']['examples'] == 500
+  assert final['test']['examples'] == 500
+  assert 0.0 <= final['test']['error'] <= 1.0
+  assert np.isfinite(final['test']['loss'])
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['6']
+
+
+@requires_cifar10_jpeg
+def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
+  """The CLI killed with SIGKILL mid-run, restarted, matches a clean run."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  args = ['--config=configs/cifar10.py:lenet5', '--config.dataset=cifar10_jpeg',
+          f'--config.data_dir={SHARED_TFDS}', '--config.train_split=train[:2048]',
+          '--config.test_split=test[:500]', '--config.batch_size=32',
+          '--config.num_train_steps=120', '--config.eval_every_steps=20',
+          '--config.checkpoint_every_steps=20', '--config.log_every_steps=10',
+          '--config.tensorboard=False']
+  root = str(ROOT)
+  cmd = [sys.executable, '-m', 'experiments.train'] + args
+  clean, killed = tmp_path / 'clean', tmp_path / 'killed'
+  subprocess.run(cmd + [f'--workdir={clean}'], cwd=root, check=True,
+                 capture_output=True)
+  proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=root,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    ckpts = killed / 'checkpoints'
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=root, check=True,
+                       capture_output=True, text=True)
+  assert 'resuming from step' in out.stdout
+  assert records(killed) == records(clean)
+
+
+def test_misspelt_config_override_is_one_line_and_writes_nothing(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = str(ROOT)
+  work = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train',
+       '--config=configs/cifar10.py:cifar_resnet8', f'--workdir={work}',
+       '--config.lr_schedul=step'], cwd=root, capture_output=True, text=True)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert lines == [lines[0]] and 'Did you mean "lr_schedule"' in lines[0]
+  assert 'Traceback' not in proc.stderr
+  assert not work.exists()
+
+
+def test_unknown_config_preset_is_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = str(ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.train',
+       '--config=configs/detection.py:yolo', f'--workdir={tmp_path / "r"}'],
+      cwd=root, capture_output=True, text=True)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
+      "error: bad --config: unknown preset 'yolo'; use one of rcnn, "
+      "fast_rcnn, faster_rcnn, optionally followed by ',local'"]
