@@ -2,7 +2,8 @@
 
 They are read by the one training loop (`cnn/training/`) whatever the task:
   learning_rate, lr_schedule ('step' | 'plateau' | 'cosine' | 'constant'),
-  lr_milestones / lr_factor (step; plateau's cut too), plateau.* (PyTorch
+  lr_milestones or lr_milestone_fractions / lr_factor (step; plateau's cut
+  too), plateau.* (PyTorch
   ReduceLROnPlateau: monitor is a held-out split, 'val' or 'test'),
   warmup_steps / warmup_lr / warmup ('constant' | 'linear'), momentum,
   nesterov, weight_decay, decay_bn_and_bias; init_from / freeze / new_head
@@ -16,7 +17,8 @@ from ml_collections import config_dict
 def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
                         num_train_steps: int, learning_rate: float,
                         weight_decay: float, lr_schedule: str = 'step',
-                        lr_milestones=(), lr_factor: float = 0.1,
+                        lr_milestones=(), lr_milestone_fractions=(),
+                        lr_factor: float = 0.1,
                         warmup_steps: int = 0, warmup_lr: float = 0.0,
                         warmup: str = 'constant',
                         decay_bn_and_bias: bool = True,
@@ -38,6 +40,9 @@ def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
   c.learning_rate = learning_rate
   c.lr_schedule = lr_schedule
   c.lr_milestones = tuple(lr_milestones)
+  # Or milestones as fractions of num_train_steps (they follow an override
+  # of the run's length); one of the two is empty.
+  c.lr_milestone_fractions = tuple(lr_milestone_fractions)
   c.lr_factor = lr_factor
   c.plateau = config_dict.ConfigDict(dict(
       monitor=plateau_monitor, patience=5, threshold=1e-3,

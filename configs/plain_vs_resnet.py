@@ -61,8 +61,10 @@ def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
   c = cifar10.get_config('cifar_resnet20')
   steps = p['steps']
   c.num_train_steps = steps
-  # Section 4.2's 32k/48k of 64k: the same fractions of any length.
-  c.lr_milestones = (steps // 2, steps * 3 // 4)
+  # Section 4.2's 32k/48k of 64k: the same fractions of any length (also
+  # of an overridden --config.num_train_steps).
+  c.lr_milestones = ()
+  c.lr_milestone_fractions = (0.5, 0.75)
   c.eval_every_steps = p['eval_every']
   c.checkpoint_every_steps = p['eval_every']
   c.log_every_steps = max(1, p['eval_every'] // 5)

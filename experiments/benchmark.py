@@ -226,7 +226,7 @@ def benchmark(config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.run(benchmark, _CONFIG.value)
+  common.run(benchmark, _CONFIG.value, cache_default='off')
 
 
 if __name__ == '__main__':

@@ -13,19 +13,40 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 from cnn.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', '', "JAX's persistent compilation cache: a folder "
+    "('' = $CNN_COMPILATION_CACHE or ~/.cache/cnn/jax), or 'off'.")
 
-def run(fn, *args, **kwargs):
-  """Calls `fn`; a UserError becomes `error: <message>` and exit status 1."""
+
+def run(fn, *args, cache_default: str = '', **kwargs):
+  """Calls `fn`; a UserError becomes `error: <message>` and exit status 1.
+
+  `cache_default`: the compilation cache's folder when --compilation_cache
+  is not given ('off' for the benchmark, which times compilation).
+  """
   # TFDS and orbax log every file they touch at INFO; keep the console to
   # the progress lines. --verbosity=0 (absl) brings them back.
   if logging.get_verbosity() == logging.INFO and '--verbosity' not in ' '.join(
       sys.argv):
     logging.set_verbosity(logging.WARNING)
+  from cnn.training import compile_cache  # pylint: disable=g-import-not-at-top
+  compile_cache.enable(_CACHE.value if flags.FLAGS['compilation_cache'].present
+                       else cache_default)
   try:
     return fn(*args, **kwargs)
   except UserError as e:
+    if type(e).__name__ == 'Interrupted':  # Ctrl-C / SIGTERM, step saved
+      print(f'interrupted: {e}', file=sys.stderr)
+      sys.exit(130)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    print('interrupted (nothing was being trained)', file=sys.stderr)
+    sys.exit(130)
+  except BrokenPipeError:
+    # `... | head`: the reader has what it wanted.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 def parse_flags(argv):

@@ -94,7 +94,7 @@ def benchmark():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.run(benchmark)
+  common.run(benchmark, cache_default='off')
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ and the others go on. Re-running a finished sweep only prints the table.
 `WORKDIR/m.name/sweep.log`); on a machine with several GPUs each gets its own.
 """
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,8 @@ def _run_in_process(todo, configs, workdir, failures):
     sweeps.clear_error(d)
     try:
       loop.train_and_evaluate(configs[m.name], d)
+    except loop.Interrupted:
+      raise  # Ctrl-C stops the sweep, not just this member.
     except UserError as e:
       message = f'error: {e}'
     except Exception as e:  # pylint: disable=broad-except
@@ -94,9 +97,62 @@ def _run_in_process(todo, configs, workdir, failures):
 
 
 def _run_subprocesses(todo, workdir, parallel, parent_argv, failures):
-  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   gpus = _gpu_count()
   queue, running = list(todo), {}  # slot -> (member, process, log)
+  previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+  try:
+    _schedule(queue, running, workdir, parallel, parent_argv, failures, gpus)
+  except KeyboardInterrupt:
+    # Ctrl-C or SIGTERM: the workers save their step and stop (a worker
+    # treats SIGTERM as Ctrl-C); a rerun resumes them, and their workdir
+    # locks stop a rerun from training a member twice meanwhile.
+    for m, proc, _ in running.values():
+      if proc.poll() is None:
+        proc.terminate()
+    deadline = time.time() + 120
+    for m, proc, log in running.values():
+      try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      log.close()
+    from cnn.training import loop  # pylint: disable=g-import-not-at-top
+    raise loop.Interrupted(
+        f'sweep stopped: {len(running)} worker(s) ('
+        f'{", ".join(m.name for m, _, _ in running.values()) or "none"}) '
+        'saved their step and exited; rerun the same command to resume'
+        ) from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _changed_members(chosen, configs, workdir) -> dict:
+  """{member: one-line reason} for the member folders whose saved config
+  differs from the sweep's config for them in a way that changes the run."""
+  from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn.training import run_folder  # pylint: disable=g-import-not-at-top
+  out = {}
+  for m in chosen:
+    d = sweeps.member_dir(workdir, m)
+    steps = sweeps.checkpoint_steps(d)
+    try:
+      saved = run_folder.read_config(d)
+      if saved is not None and steps:
+        run_folder.resume_check(saved, configs[m.name], steps[-1])
+    except ConfigError as e:
+      out[m.name] = str(e)
+  return out
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def _schedule(queue, running, workdir, parallel, parent_argv, failures, gpus):
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   while queue or running:
     for slot in range(parallel):
       if slot in running or not queue:
@@ -110,8 +166,7 @@ def _run_subprocesses(todo, workdir, parallel, parent_argv, failures):
       env['PYTHONPATH'] = os.pathsep.join(
           [_ROOT] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep)
                      if p])
-      if gpus:
-        env['CUDA_VISIBLE_DEVICES'] = str(slot % gpus)
+      env.update(sweeps.worker_env(slot, parallel, gpus))
       log = open(os.path.join(d, 'sweep.log'), 'a')
       proc = subprocess.Popen(_worker_argv(m.name, parent_argv), stdout=log,
                               stderr=subprocess.STDOUT, env=env)
@@ -165,6 +220,11 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
   total = {n: int(c.num_train_steps) for n, c in configs.items()}
   state = {m.name: sweeps.status(sweeps.member_dir(workdir, m), total[m.name])
            for m in chosen}
+  # A member folder trained with another config (other --config.
+  # overrides) is never resumed, nor reported as done.
+  changed = _changed_members(chosen, configs, workdir)
+  for name in changed:
+    state[name] = 'changed'
   if parallel < 1:
     raise ConfigError(f'--parallel={parallel} must be >= 1')
   if dry_run:
@@ -172,9 +232,21 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
     width = max(len(m.name) for m in chosen)
     for m in chosen:
       print(f'  {m.name:<{width}}  {state[m.name]:<7}  {m.describe()}')
+    if parallel > 1:
+      gpus = _gpu_count()
+      print(f'--parallel={parallel} on {gpus or "no"} GPU(s): worker device '
+            'settings')
+      for slot in range(parallel):
+        env = sweeps.worker_env(slot, parallel, gpus)
+        print(f'  worker {slot}: ' + (' '.join(
+            f'{k}={v}' for k, v in env.items()) or
+            "the host's CPU cores (no device settings)"))
     return
-  todo = [m for m in chosen if state[m.name] != sweeps.DONE]
+  todo = [m for m in chosen if state[m.name] not in (sweeps.DONE, 'changed')]
   failures: list[str] = []
+  for name, message in changed.items():
+    print(f'=== {name} failed: error: {message}', file=sys.stderr, flush=True)
+    failures.append(name)
   if todo:
     print(f'{len(chosen) - len(todo)} of {len(chosen)} members done; '
           f'training {", ".join(m.name for m in todo)}', flush=True)
@@ -187,6 +259,9 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
   rows = [sweeps.summary_row(sweeps.member_dir(workdir, m), m.name,
                              total[m.name], task.metric, task.metric_mode)
           for m in chosen]
+  for row in rows:
+    if row['member'] in changed:  # its folder is another run's result
+      row['status'], row['note'] = 'changed', changed[row['member']][:200]
   print(sweeps.format_table(rows), flush=True)
   if failures:
     raise UserError(f'{len(failures)} member(s) failed: {", ".join(failures)}'

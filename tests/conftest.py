@@ -11,6 +11,11 @@ import pytest
 # library default against them explicitly.
 os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
 
+# Compiled steps are cached on disk (cnn/training/compile_cache.py): the
+# suite compiles the same small nets in many tests and processes.
+from cnn.training import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+compile_cache.enable()
+
 ROOT = pathlib.Path(__file__).resolve().parents[0].parent
 # The prepared CIFAR-10 copy beside the project (see shared/data/README.md).
 SHARED_TFDS = pathlib.Path(os.environ.get(

@@ -156,6 +156,29 @@ def apply_overrides(config, overrides: dict):
   return c
 
 
+# Of each GPU's memory, what the members sharing it may take together (the
+# rest is left to the CUDA context and fragmentation).
+GPU_MEMORY_SHARE = 0.9
+
+
+def worker_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
+  """Device settings of the sweep worker in `slot` (0..parallel-1).
+
+  Workers go round-robin over the GPUs (`CUDA_VISIBLE_DEVICES`); when
+  several share one, each may preallocate only its part of the memory
+  (`XLA_PYTHON_CLIENT_MEM_FRACTION`, JAX preallocates 75 % by default, so
+  a second process on the same GPU would otherwise run out). On a machine
+  without GPUs the workers share the host's cores: no settings.
+  """
+  if gpus < 1:
+    return {}
+  env = {'CUDA_VISIBLE_DEVICES': str(slot % gpus)}
+  sharing = len(range(slot % gpus, parallel, gpus))  # workers on this GPU
+  if sharing > 1:
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = f'{GPU_MEMORY_SHARE / sharing:.2f}'
+  return env
+
+
 def member_dir(workdir: str, member: Member) -> str:
   return os.path.join(workdir, member.name)
 

@@ -60,7 +60,9 @@ class Checkpointer:
   """A CheckpointManager with the project's policies and error messages."""
 
   def __init__(self, directory: str, keep: int = 2, best_mode: str = 'min',
-               read_only: bool = False):
+               read_only: bool = False, init_from: str | None = None):
+    """`init_from`: the config value this folder was named by, when it is
+    another run's checkpoints to start from (for the hint of errors)."""
     _quiet_orbax()
     self.directory = os.path.abspath(directory)
     policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
@@ -77,6 +79,7 @@ class Checkpointer:
         create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
     self.best_mode = best_mode
+    self.init_from = init_from
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=('state', 'meta'))
@@ -173,8 +176,18 @@ class Checkpointer:
   def _unreadable(self, step: int, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [''])[0][:160]
     others = [s for s in self.steps() if s != step]
-    hint = (f'move {self.directory}/{step} aside to resume from step '
-            f'{others[-1]}' if others else 'use a fresh --workdir')
+    if self.init_from is not None:
+      run = self.directory[:-len('/checkpoints')] if self.directory.endswith(
+          '/checkpoints') else self.directory
+      hint = (f'start from another of its steps, e.g. --config.init_from='
+              f'{run}:{others[-1]}' if others else
+              'retrain that run, or start from another one')
+    elif others:
+      hint = (f'move {self.directory}/{step} aside to resume from step '
+              f'{others[-1]}')
+    else:
+      hint = 'use a fresh --workdir'
+
     return (f'checkpoint {step} in {self.directory} is unreadable '
             f'({type(e).__name__}: {first}): {hint}')
 

@@ -14,9 +14,11 @@ numbers as an uninterrupted run (on CPU, where XLA is deterministic).
 """
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -25,10 +27,11 @@ import numpy as np
 
 from cnn import tasks
 from cnn.data import input_pipeline
-from cnn.errors import ConfigError, NonFiniteLossError
+from cnn.errors import ConfigError, NonFiniteLossError, UserError
 from cnn.tasks import base
 from cnn.training import checkpointing
 from cnn.training import optim
+from cnn.training import run_folder
 from cnn.training import sharding
 from cnn.training import state as state_lib
 from cnn.training import step as step_lib
@@ -215,6 +218,81 @@ def _check_finite_params(state, step: int, checkpointer) -> None:
                   what='parameters are')
 
 
+class Interrupted(UserError):
+  """Ctrl-C or SIGTERM: the run saved its current step and stopped."""
+
+
+class _StopRequest:
+  """SIGINT / SIGTERM only set a flag, read between steps: a step is never
+  cut in the middle (its donated state would be lost). A second Ctrl-C
+  stops at once."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:
+      if signum == signal.SIGINT:  # Ctrl-C again: the user insists
+        raise KeyboardInterrupt
+      return  # e.g. a sweep runner's SIGTERM after the terminal's Ctrl-C
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _saved_window(meta: dict, start: int):
+  """The train-log window a Ctrl-C checkpoint carries (see `_interrupt`)."""
+  w = meta.get('window')
+  if not w:
+    return [], start
+  return ([{k: np.float32(v) for k, v in m.items()} for m in w['metrics']],
+          int(w['start']))
+
+
+def _interrupt(run, state, s: int, window: list, window_start: int, signum):
+  """Saves step `s` (with the steps since the last log point, so the
+  resumed run logs the same averages) and stops with one line."""
+  ckpt = run.checkpointer
+  if ckpt.latest_step() != s:
+    if window:
+      _check_finite(window, window_start, ckpt)
+    _check_finite_params(state, s, ckpt)
+    meta = run.meta(state)
+    meta['window'] = {'start': window_start, 'metrics': [
+        {k: float(v) for k, v in m.items()} for m in jax.device_get(window)]}
+    ckpt.save(s, state, meta)
+  name = signal.Signals(signum).name
+  raise Interrupted(f'{name} at step {s}: checkpoint {s} saved in '
+                    f'{ckpt.directory}; rerun the same command to resume')
+
+
+def _disk_full(e: BaseException | None) -> bool:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        'No space left on device' in str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if (
+      os.path.isdir(d)) else []
+
+
 def _logged(result: dict) -> dict:
   """A result's metrics for metrics.jsonl: 'examples' is a count."""
   return {k: v for k, v in result.items() if k != 'examples'}
@@ -229,6 +307,12 @@ def _print_eval(task, results: dict, seconds: float) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains the config's task in `workdir`, evaluating and checkpointing.
 
+  The folder is locked for the run (one line naming the holder's pid when
+  another process trains there); a run already in it is resumed only with
+  the config it was trained with (`run_folder.resume_check`). Ctrl-C or
+  SIGTERM saves the current step and raises `Interrupted`; a full disk is
+  one line, the checkpoints written before it kept.
+
   Args:
     config: a ConfigDict as built by `configs/*.py` (with `task`).
     workdir: run folder: checkpoints/, metrics.jsonl, tensorboard/,
@@ -237,16 +321,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
+  run_folder.prepare(workdir)
+  with run_folder.lock(workdir):
+    try:
+      return _train_and_evaluate(config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, UserError) or not _disk_full(e):
+        raise
+      steps = _checkpoint_steps(workdir)
+      kept = (f'it resumes from step {steps[-1]}' if steps
+              else 'no checkpoint had been written')
+      raise UserError(f'disk full while writing {workdir} ({e}); free some '
+                      f'space and rerun the same command: {kept}') from None
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   # Local import: metric writing pulls in TensorFlow's summary ops.
   from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
   run = Run(config, workdir)
   task = run.task
-  start = 0
-  if run.checkpointer.latest_step() is not None:
+  total = int(config.num_train_steps)
+  saved = run_folder.read_config(workdir)
+  start, window, window_start = 0, [], 0
+  latest = run.checkpointer.latest_step()
+  if latest is not None:
+    if saved is not None:
+      # Before anything is written: a resumed run is the run on disk.
+      for note in run_folder.resume_check(saved, config, latest):
+        print(f'resuming with {note}', flush=True)
     # Restored straight into the abstract state: no init to compile.
     state = run.restore(run.abstract_state(), 'latest')
     start = int(state.step)
+    window, window_start = _saved_window(run.checkpointer.read_meta(start),
+                                         start)
     print(f'resuming from step {start} in {workdir}', flush=True)
   else:
     state = run.init_state()
@@ -254,12 +361,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Only a fresh run starts from another run's weights; a resumed one
       # continues from its own checkpoint above.
       state = run.load_init_from(state)
-  # Only after the checkpoint proved compatible: never overwrite the record
-  # of another run's config.
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  if latest is None or start < total:
+    # A rerun that trains nothing leaves the record as it is.
+    run_folder.write_config(workdir, config,
+                            saved if latest is not None else None)
 
-  total = int(config.num_train_steps)
   log_every = log_interval(config)
   writer = metric_writers.MetricWriter(workdir, resume_step=start,
                                        tensorboard=config.get('tensorboard',
@@ -286,11 +392,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return results
 
   last_eval: dict = {}
-  window: list = []
-  window_start = start
   batch = run.shard(next_batch(start)) if start < total else None
   compiled = False
+  t_start = time.perf_counter()
+  stop = _StopRequest()
   try:
+    stop.__enter__()
     if total == 0:
       # An evaluation-only run (e.g. localization's `both` stage).
       last_eval = evaluate_all(0, final=True)
@@ -305,6 +412,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch = run.shard(next_batch(s))
       if not compiled:
         jax.block_until_ready(state.step)
+        print(f'step {s}/{total}: compiled and ran the first step in '
+              f'{time.perf_counter() - t_start:.1f}s', flush=True)
         progress.reset_clock(s)
         compiled = True
       is_eval = s % config.eval_every_steps == 0 or s == total
@@ -337,7 +446,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   if is_eval and run.monitor else None)
         run.checkpointer.save(s, state, run.meta(state), metric=metric)
       writer.flush()
+      if stop.signal is not None and s < total:
+        _interrupt(run, state, s, window, window_start, stop.signal)
   finally:
+    stop.__exit__()
     run.checkpointer.close()
     writer.close()
   return last_eval
@@ -346,12 +458,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def load_config(workdir: str):
   """The ConfigDict of a run folder's config.json."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{path} not found: --workdir must be a training run '
-                      'folder')
-  with open(path) as f:
-    config = config_dict.ConfigDict(json.load(f))
+  saved = run_folder.read_config(workdir)
+  if saved is None:
+    raise ConfigError(f'{os.path.join(workdir, "config.json")} not found: '
+                      '--workdir must be a training run folder')
+  config = config_dict.ConfigDict(saved)
   if 'task' not in config:
     # Runs written before config.task existed.
     config.task = ('detection' if 'kind' in config else

@@ -12,21 +12,30 @@ import sys
 import time
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """All records of `workdir/metrics.jsonl` (empty when absent)."""
+def read_metrics(workdir: str, skipped: list | None = None) -> list[dict]:
+  """All valid records of `workdir/metrics.jsonl` (empty when absent).
+
+  A line that is not a JSON record (cut by a kill mid-write, damaged) is
+  skipped, and its line number appended to `skipped`; the records after it
+  are kept.
+  """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
   out = []
-  with open(path) as f:
-    for line in f:
+  with open(path, errors='replace') as f:
+    for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
         continue
       try:
-        out.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
-        break  # A line cut by a kill mid-write: everything after is stale.
+        record = None
+      if isinstance(record, dict) and 'step' in record and 'split' in record:
+        out.append(record)
+      elif skipped is not None:
+        skipped.append(number)
   return out
 
 
@@ -36,7 +45,14 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int = 0,
                tensorboard: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    kept = [r for r in read_metrics(workdir) if r['step'] <= resume_step]
+    skipped: list[int] = []
+    kept = [r for r in read_metrics(workdir, skipped)
+            if r['step'] <= resume_step]
+    if skipped:
+      print(f'metrics.jsonl: skipped {len(skipped)} unreadable line'
+            f'{"s" if len(skipped) > 1 else ""} (line '
+            f'{", ".join(map(str, skipped[:5]))}); the {len(kept)} valid '
+            f'records up to step {resume_step} are kept', flush=True)
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       for r in kept:

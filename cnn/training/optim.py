@@ -57,6 +57,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*parts) if parts else optax.identity()
 
 
+def milestone_steps(config) -> tuple[int, ...]:
+  """The step schedule's milestones: `lr_milestones` (steps), or
+  `lr_milestone_fractions` of `num_train_steps` (they follow the length of
+  the run: 0.5 and 0.75 are He et al.'s 32k and 48k of 64k)."""
+  fractions = tuple(config.get('lr_milestone_fractions', ()) or ())
+  if fractions:
+    total = int(config.num_train_steps)
+    return tuple(int(round(f * total)) for f in fractions)
+  return tuple(int(m) for m in config.lr_milestones)
+
+
 def make_schedule(config) -> Callable[[jnp.ndarray], jnp.ndarray]:
   """Base learning rate as a function of the step (before plateau scaling).
 
@@ -72,7 +83,7 @@ def make_schedule(config) -> Callable[[jnp.ndarray], jnp.ndarray]:
     raise ConfigError(f"lr_schedule='{kind}' is unknown; use one of "
                       f'{", ".join(SCHEDULES)}')
   if kind == 'step':
-    milestones = jnp.asarray(sorted(config.lr_milestones), jnp.int32)
+    milestones = jnp.asarray(sorted(milestone_steps(config)), jnp.int32)
     factor = float(config.lr_factor)
 
     def sched(step):
@@ -174,5 +185,13 @@ def validate(config) -> None:
     raise ConfigError(f'momentum={config.momentum} must be in [0, 1)')
   if config.weight_decay < 0:
     raise ConfigError(f'weight_decay={config.weight_decay} must be >= 0')
+  fractions = tuple(config.get('lr_milestone_fractions', ()) or ())
+  if fractions and tuple(config.get('lr_milestones', ()) or ()):
+    raise ConfigError('set lr_milestones (steps) or lr_milestone_fractions '
+                      '(of num_train_steps), not both: --config.lr_milestones'
+                      '=() keeps the fractions')
+  if any(not 0 < f < 1 for f in fractions):
+    raise ConfigError(f'lr_milestone_fractions={fractions} must lie in '
+                      '(0, 1)')
   if config.lr_schedule == 'plateau' and config.plateau.patience < 0:
     raise ConfigError('plateau.patience must be >= 0')

@@ -7,10 +7,11 @@
 * `resume_check(saved, config, start)`: a resumed run must be the run that
   is on disk. Every field that differs from the saved config.json is named;
   only what cannot change the steps already taken may differ: the eval /
-  log / checkpoint cadence, how many checkpoints are kept, TensorBoard, and
-  a longer `num_train_steps` when the learning rates of the steps taken stay
-  the same (constant, step with absolute milestones, plateau; not cosine,
-  nor milestones given as fractions of the run).
+  log / checkpoint cadence, how many checkpoints are kept, TensorBoard, the
+  start-only `init_from` / `new_head` (a resumed run continues from its own
+  checkpoint), and a longer `num_train_steps` when the learning rates of the
+  steps taken stay the same (constant, step with absolute milestones,
+  plateau; not cosine, nor milestones given as fractions of the run).
 """
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ from cnn.errors import ConfigError, UserError
 # Fields that shape the logs and checkpoints but not a single number of the
 # steps already taken.
 CADENCE = ('eval_every_steps', 'log_every_steps', 'checkpoint_every_steps',
-           'keep_checkpoints', 'tensorboard', 'proposals.processes')
+           'keep_checkpoints', 'tensorboard', 'proposals.processes',
+           'proposals.cache_dir')
+# Read only when a run starts: a resumed run continues from its own
+# checkpoint (the record keeps the values it started with).
+FRESH_ONLY = ('init_from', 'new_head')
 
 
 class WorkdirInUse(UserError):
@@ -83,6 +88,9 @@ def resume_check(saved: dict, config, start: int) -> list[str]:
     what = f'{k} {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}'
     if k in CADENCE:
       notes.append(what)
+    elif k in FRESH_ONLY:
+      notes.append(f'{what} (ignored: the run continues from its own '
+                   'checkpoint)')
     elif k == 'num_train_steps' and new[k] > old[k]:
       # Allowed when the steps already taken keep their learning rates.
       same = np.array_equal(_learning_rates(old, start),
@@ -130,8 +138,18 @@ def read_config(workdir: str) -> dict | None:
                       'command that started the run') from None
 
 
-def write_config(workdir: str, config) -> None:
-  """config.json, atomically (a kill leaves the old one or the new one)."""
+def write_config(workdir: str, config, saved: dict | None = None) -> None:
+  """config.json, atomically (a kill leaves the old one or the new one).
+
+  `saved`: the run's previous record, whose start-only fields (FRESH_ONLY)
+  are kept: they say how the run began.
+  """
+  if saved is not None:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      for k in FRESH_ONLY:
+        if k in saved and k in config:
+          config[k] = saved[k]
   path = os.path.join(workdir, 'config.json')
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

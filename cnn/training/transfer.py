@@ -247,7 +247,8 @@ def load_pretrained(spec: str, model_name: str, params, batch_stats,
   """
   from cnn.errors import UserError  # pylint: disable=g-import-not-at-top
   directory, which = parse_init_from(spec)
-  checkpointer = checkpointing.Checkpointer(directory, read_only=True)
+  checkpointer = checkpointing.Checkpointer(directory, read_only=True,
+                                            init_from=spec)
   try:
     try:
       step = checkpointer.resolve(which)

@@ -2,6 +2,7 @@
 tiny runs (tfds mock data), worker subprocesses."""
 import json
 import os
+import shutil
 import types
 
 import pytest
@@ -15,7 +16,7 @@ from cnn.training.metric_writers import read_metrics
 from configs import lr_schedules
 from configs import plain_vs_resnet
 from experiments import sweep as sweep_cmd
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED_TFDS, requires_cifar10_jpeg
 
 PVR = str(ROOT / 'configs' / 'plain_vs_resnet.py')
 
@@ -44,14 +45,18 @@ def test_plain_vs_resnet_members_cover_the_paper():
 
 
 def test_presets_share_one_recipe_scaled_to_their_length():
+  from cnn.training import optim  # pylint: disable=g-import-not-at-top
   paper = plain_vs_resnet.get_config('paper')
-  assert (paper.num_train_steps, tuple(paper.lr_milestones)) == (
+  assert (paper.num_train_steps, optim.milestone_steps(paper)) == (
       64_000, (32_000, 48_000))
   assert (paper.batch_size, paper.learning_rate, paper.momentum,
           paper.weight_decay) == (128, 0.1, 0.9, 1e-4)
   cpu = plain_vs_resnet.get_config('cpu')
-  assert tuple(cpu.lr_milestones) == (cpu.num_train_steps // 2,
-                                      cpu.num_train_steps * 3 // 4)
+  assert optim.milestone_steps(cpu) == (cpu.num_train_steps // 2,
+                                        cpu.num_train_steps * 3 // 4)
+  # Fractions of the run: an overridden length moves the milestones too.
+  cpu.num_train_steps = 40
+  assert optim.milestone_steps(cpu) == (20, 30)
   assert cpu.batch_size == 128 and cpu.augment == 'crop_flip'
   with pytest.raises(ConfigError, match='unknown preset'):
     plain_vs_resnet.get_config('gpu')
@@ -100,11 +105,12 @@ def test_sweep_dry_run_skip_resume_and_failure(tmp_path, capsys):
   # Depth 9 is not 6n+2: those members fail; the others must still run.
   arg = 'local,depths=9-8'
   plain8 = tmp_path / 'plain8_s0'
-  # An interrupted member: 2 of its 4 steps done.
+  # An interrupted member: its run killed after 2 of its 4 steps.
   c = sweeps.apply_overrides(plain_vs_resnet.get_config(arg),
-                             {'model': 'cifar_plain8', 'num_train_steps': 2})
+                             {'model': 'cifar_plain8'})
   with tfds.testing.mock_data(num_examples=24):
     loop.train_and_evaluate(c, str(plain8))
+  shutil.rmtree(plain8 / 'checkpoints' / '4')
   capsys.readouterr()
 
   _run(arg, tmp_path, dry_run=True)
@@ -155,3 +161,62 @@ def test_parallel_workers_report_their_failures(tmp_path):
     assert 'is not of the form 6n+2' in sweeps.read_error(str(d))
     assert sweeps.status(str(d), 4) == sweeps.FAILED
     assert 'error:' in (d / 'sweep.log').read_text()
+
+
+def test_a_sweep_rerun_with_other_overrides_is_refused(tmp_path, capsys):
+  arg = 'local,depths=8'
+  _run(arg, tmp_path, only='plain')
+  capsys.readouterr()
+  base = plain_vs_resnet.get_config(arg)
+  base.learning_rate = 0.5  # another --config.learning_rate
+  with pytest.raises(UserError, match='1 member.*failed: plain8_s0'):
+    with tfds.testing.mock_data(num_examples=24):
+      sweep_cmd.run(f'{PVR}:{arg}', base, str(tmp_path), only='plain')
+  captured = capsys.readouterr()
+  assert 'learning_rate 0.1 -> 0.5' in captured.err
+  assert '| done |' not in captured.out  # not reported as the old result
+
+
+@requires_cifar10_jpeg
+def test_sigterm_stops_the_parallel_workers(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  runner = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.sweep',
+       '--config=configs/plain_vs_resnet.py:local,depths=8',
+       f'--workdir={tmp_path}', '--parallel=2',
+       '--config.dataset=cifar10_jpeg', f'--config.data_dir={SHARED_TFDS}',
+       '--config.num_train_steps=100000'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  pids = []
+  while len(pids) < 2:
+    line = runner.stdout.readline()
+    assert line, runner.stderr.read()
+    if 'started (pid' in line:
+      pids.append(int(line.split('pid ')[1].split(',')[0]))
+  time.sleep(20)  # the workers are loading data or training
+  runner.send_signal(signal.SIGTERM)
+  _, err = runner.communicate(timeout=200)
+  assert runner.returncode == 130, err
+  assert 'sweep stopped: 2 worker(s)' in err
+  for pid in pids:  # no worker left behind
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
+def test_workers_sharing_a_gpu_split_its_memory(tmp_path, capsys):
+  # One GPU, two workers: both on device 0, 45 % of its memory each.
+  assert [sweeps.worker_env(s, 2, 1) for s in (0, 1)] == [
+      {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}
+  ] * 2
+  # Two GPUs, three workers: GPU 0 holds two of them.
+  assert [sweeps.worker_env(s, 3, 2) for s in range(3)] == [
+      {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'},
+      {'CUDA_VISIBLE_DEVICES': '1'},
+      {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}]
+  assert sweeps.worker_env(0, 2, 0) == {}  # CPU: nothing to set
+  _run('local,depths=8', tmp_path, parallel=2, dry_run=True)
+  out = capsys.readouterr().out
+  assert 'worker 0:' in out and 'worker 1:' in out

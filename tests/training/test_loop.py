@@ -102,10 +102,18 @@ def test_foreign_and_corrupt_checkpoints_are_clear_errors(tmp_path):
   wd = tmp_path / 'run'
   run(small_config(steps=2), wd)
   before = records(wd)
+  # The config check names the change first ...
+  with pytest.raises(ConfigError, match="model 'cifar_resnet8' -> "
+                     "'cifar_plain8'"):
+    run(small_config(model='cifar_plain8', steps=4), wd)
+  # ... and without a config.json the checkpoint itself says whose it is.
+  saved_config = (wd / 'config.json').read_text()
+  os.remove(wd / 'config.json')
   with pytest.raises(CheckpointError, match="'cifar_resnet8'.*'cifar_plain8'"):
     run(small_config(model='cifar_plain8', steps=4), wd)
   with pytest.raises(CheckpointError, match='does not fit'):
     run(small_config(steps=4, model_kwargs={'shortcut': 'B'}), wd)
+  (wd / 'config.json').write_text(saved_config)
   # Corrupt the saved arrays: restoring fails with one line, nothing lost.
   state_dir = wd / 'checkpoints' / '2' / 'state'
   for root, _, files in os.walk(state_dir):
@@ -126,9 +134,9 @@ def test_foreign_and_corrupt_checkpoints_are_clear_errors(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   wd = tmp_path / 'run'
-  run(small_config('lenet5', steps=2), wd)
-  c = small_config('lenet5', steps=6, learning_rate=1e30, lr_schedule='step',
-                   lr_milestones=(3,), lr_factor=1e30)
+  # Two sane steps (checkpoint 2), then a rate of 1e29.
+  c = small_config('lenet5', steps=6, lr_schedule='step', lr_milestones=(2,),
+                   lr_factor=1e30)
   with pytest.raises(NonFiniteLossError, match='at step') as e:
     run(c, wd)
   assert 'step 2' in str(e.value)  # The last good checkpoint is named.
@@ -182,8 +190,12 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
   root = str(ROOT)
   cmd = [sys.executable, '-m', 'experiments.train'] + args
   clean, killed = tmp_path / 'clean', tmp_path / 'killed'
-  subprocess.run(cmd + [f'--workdir={clean}'], cwd=root, check=True,
-                 capture_output=True)
+  first = subprocess.run(cmd + [f'--workdir={clean}'], cwd=root, check=True,
+                         capture_output=True, text=True)
+  # A quiet console: our progress lines, from right after compilation on.
+  assert first.stdout.splitlines()[0].startswith(
+      'step 1/120: compiled and ran the first step in')
+  assert 'checkpoint_manager.py' not in first.stderr
   proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=root,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300

@@ -129,6 +129,10 @@ def test_new_head_frozen_trunk_and_exact_resume(pretrained, tmp_path):
   c.init_from = str(tmp_path / 'gone')
   assert run(c, parts) == final
   assert records(parts) == records(straight)
+  # The record still says where the run's weights came from.
+  with open(parts / 'config.json') as f:
+    assert json.load(f)['init_from'] == f'{pretrained}:2'
+
 
 
 def test_mismatches_are_listed_and_nothing_loads(pretrained, tmp_path):

@@ -163,7 +163,8 @@ def load_pretrained(spec: str, params, batch_stats):
       (all listed; nothing is loaded).
   """
   directory, which = transfer.parse_init_from(spec)
-  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  ckpt = checkpointing.Checkpointer(directory, read_only=True,
+                                    init_from=spec)
   try:
     step = ckpt.resolve(which)
     model = ckpt.read_meta(step).get('model')

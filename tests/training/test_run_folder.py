@@ -1,0 +1,234 @@
+"""Run folders that cannot mix or lose runs: the config check on resume, the
+lock, Ctrl-C, damaged logs, and one line for every failure."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from cnn.data import input_pipeline
+from cnn.errors import ConfigError, UserError
+from cnn.training import loop, metric_writers, run_folder
+from tests.conftest import ROOT, small_config
+
+
+def train(config, workdir, num_examples=24):
+  with tfds.testing.mock_data(num_examples=num_examples):
+    return loop.train_and_evaluate(config, str(workdir))
+
+
+def lines(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return f.read().splitlines()
+
+
+@pytest.fixture(scope='module')
+def two_steps(tmp_path_factory):
+  """A finished 2-step run and its files, to reuse (copy) in the tests."""
+  wd = tmp_path_factory.mktemp('two')
+  train(small_config('lenet5', steps=2), wd)
+  return wd
+
+
+def copy(src, dst):
+  subprocess.run(['cp', '-r', str(src), str(dst)], check=True)
+  return dst
+
+
+def test_a_changed_config_is_refused_naming_every_field(two_steps, tmp_path):
+  wd = copy(two_steps, tmp_path / 'run')
+  before = (wd / 'config.json').read_text()
+  c = small_config('lenet5', steps=4, batch_size=4, learning_rate=0.5, seed=7)
+  with pytest.raises(ConfigError) as e:
+    train(c, wd)
+  message = str(e.value)
+  assert '\n' not in message and 'step 2' in message
+  for field in ('batch_size 8 -> 4', 'learning_rate 0.1 -> 0.5',
+                'seed 0 -> 7'):
+    assert field in message
+  assert (wd / 'config.json').read_text() == before
+
+
+def test_longer_run_and_cadence_are_allowed_only_when_the_past_stays(
+    two_steps, tmp_path):
+  # Step schedule with absolute milestones: steps 0-1 keep their rate.
+  wd = copy(two_steps, tmp_path / 'longer')
+  train(small_config('lenet5', steps=4, eval_every_steps=4,
+                     log_every_steps=2), wd)
+  assert json.loads((wd / 'config.json').read_text())['num_train_steps'] == 4
+  # Cosine over the run: a longer run changes the rates already used.
+  wd = tmp_path / 'cosine'
+  train(small_config('lenet5', steps=2, lr_schedule='cosine'), wd)
+  with pytest.raises(ConfigError, match='changes the learning rate'):
+    train(small_config('lenet5', steps=4, lr_schedule='cosine'), wd)
+  # Milestones as fractions of the run move with its length.
+  c = small_config('lenet5', steps=2, lr_milestone_fractions=(0.5,))
+  c.lr_milestones = ()
+  wd = tmp_path / 'fractions'
+  train(c, wd)
+  c.num_train_steps = 4
+  with pytest.raises(ConfigError, match='num_train_steps 2 -> 4'):
+    train(c, wd)
+
+
+def test_a_rerun_that_trains_nothing_keeps_config_json(two_steps, tmp_path):
+  wd = copy(two_steps, tmp_path / 'done')
+  before = (wd / 'config.json').read_text()
+  records = lines(wd)
+  train(small_config('lenet5', steps=2, eval_every_steps=1), wd)
+  assert (wd / 'config.json').read_text() == before
+  assert lines(wd) == records
+
+
+def test_milestone_fractions_follow_the_length_of_the_run():
+  from cnn.training import optim  # pylint: disable=g-import-not-at-top
+  c = small_config(lr_milestone_fractions=(0.5, 0.75), steps=40)
+  c.lr_milestones = ()
+  sched = optim.make_schedule(c)
+  assert [round(float(sched(s)), 6) for s in (19, 20, 29, 30)] == [
+      0.1, 0.01, 0.01, 0.001]
+  c.lr_milestones = (3,)
+  with pytest.raises(ConfigError, match='lr_milestone_fractions'):
+    optim.validate(c)
+
+
+def test_a_second_process_on_the_workdir_is_refused_by_pid(tmp_path):
+  wd = tmp_path / 'run'
+  os.makedirs(wd)
+  with run_folder.lock(str(wd)):
+    with pytest.raises(run_folder.WorkdirInUse,
+                       match=f'in use by pid {os.getpid()}'):
+      train(small_config('lenet5', steps=2), wd)
+    # Another process sees the same lock.
+    code = ('import sys; from cnn.training import run_folder\n'
+            'try:\n  run_folder.lock(sys.argv[1]).__enter__()\n'
+            'except run_folder.WorkdirInUse as e:\n  print(e)\n')
+    out = subprocess.run([sys.executable, '-c', code, str(wd)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert f'in use by pid {os.getpid()}' in out
+  # Released with the holder (a dead process releases it too: flock).
+  with run_folder.lock(str(wd)):
+    pass
+
+
+def test_one_bad_line_in_metrics_jsonl_loses_nothing_else(two_steps,
+                                                          tmp_path, capsys):
+  wd = copy(two_steps, tmp_path / 'bad')
+  good = lines(wd)
+  damaged = good[:1] + ['{"step": 1, "spl'] + good[1:]
+  (wd / 'metrics.jsonl').write_text('\n'.join(damaged) + '\n')
+  assert metric_writers.read_metrics(str(wd)) == [json.loads(l) for l in good]
+  train(small_config('lenet5', steps=4), wd)
+  after = lines(wd)
+  assert after[:len(good)] == good  # every valid record kept
+  assert 'skipped 1 unreadable line' in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_the_step_and_the_resumed_run_is_exact(tmp_path,
+                                                            monkeypatch):
+  straight, parts = tmp_path / 'straight', tmp_path / 'parts'
+  c = small_config('lenet5', steps=6, log_every_steps=2,
+                   checkpoint_every_steps=6, eval_every_steps=6)
+  train(c, straight)
+  indices = input_pipeline.TrainBatches.indices
+
+  def ctrl_c_during_step_3(self, step):
+    if step == 3:  # the batch of step 4 is read while step 3 runs
+      signal.raise_signal(signal.SIGINT)
+    return indices(self, step)
+  monkeypatch.setattr(input_pipeline.TrainBatches, 'indices',
+                      ctrl_c_during_step_3)
+  with pytest.raises(loop.Interrupted, match='step 3') as e:
+    train(c, parts)
+  assert '\n' not in str(e.value)
+  # Step 3 is half a log window (2 steps): the window is saved with it.
+  assert sorted(os.listdir(parts / 'checkpoints')) == ['3']
+  monkeypatch.setattr(input_pipeline.TrainBatches, 'indices', indices)
+  train(c, parts)
+  assert lines(parts) == lines(straight)
+
+
+def test_disk_full_is_one_line_and_keeps_the_checkpoints(tmp_path,
+                                                         monkeypatch):
+  wd = tmp_path / 'run'
+  c = small_config('lenet5', steps=4, log_every_steps=1)
+  write = metric_writers.MetricWriter.write
+
+  def full_after_step_2(self, step, split, **values):
+    if step > 2:
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    write(self, step, split, **values)
+  monkeypatch.setattr(metric_writers.MetricWriter, 'write', full_after_step_2)
+  with pytest.raises(UserError, match='disk full') as e:
+    train(c, wd)
+  assert '\n' not in str(e.value) and 'step 2' in str(e.value)
+  assert '2' in os.listdir(wd / 'checkpoints')
+
+
+def test_bad_workdirs_and_config_json_are_one_line(two_steps, tmp_path):
+  a_file = tmp_path / 'file'
+  a_file.write_text('x')
+  with pytest.raises(UserError, match='is a file'):
+    train(small_config('lenet5', steps=2), a_file)
+  wd = copy(two_steps, tmp_path / 'broken')
+  (wd / 'config.json').write_text('{"model": ')
+  with pytest.raises(ConfigError, match='not valid JSON'):
+    with tfds.testing.mock_data(num_examples=24):
+      loop.evaluate_checkpoint(str(wd))
+  from cnn.tools import plotting  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match='not valid JSON'):
+    plotting.load_runs(str(tmp_path))
+  from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CheckpointError, match="'last' is not latest, best"):
+    with tfds.testing.mock_data(num_examples=24):
+      loop.evaluate_checkpoint(str(two_steps), checkpoint='last')
+
+
+def _cli(*args, timeout=300):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def test_command_line_mistakes_are_one_line(tmp_path):
+  proc = _cli('experiments.train', '--config=configs/cifar10.py:lenet5',
+              f'--workdir={tmp_path / "r"}', '--config.batch_size=abc')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert errors == ["error: bad --config override: --config.batch_size=abc: "
+                    "'abc' is not an int, like its value 128"]
+  assert not (tmp_path / 'r').exists()
+  proc = _cli('experiments.benchmark', '--config=configs/cifar10.py:lenet5',
+              '--batch_size=0')
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      'error: --batch_size, --eval_batch_size and --steps must be positive')
+  # A reader that stops early (`| head`) is no error.
+  summary = subprocess.Popen(
+      [sys.executable, '-m', 'cnn.tools.summary', 'vgg_d'], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = summary.stdout.readline()
+  summary.stdout.close()  # what `head -1` does
+  _, err = summary.communicate(timeout=300)
+  assert first and summary.returncode == 0 and 'Traceback' not in err
+
+
+def test_an_unreadable_init_from_checkpoint_names_another_step(two_steps,
+                                                               tmp_path):
+  from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  src = copy(two_steps, tmp_path / 'pre')
+  train(small_config('lenet5', steps=4), src)  # checkpoints 2 and 4
+  for root, _, files in os.walk(src / 'checkpoints' / '4' / 'state'):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  c = small_config('lenet5', steps=2, init_from=str(src))
+  with pytest.raises(CheckpointError) as e:
+    train(c, tmp_path / 'fine_tune')
+  message = str(e.value)
+  assert '\n' not in message and 'unreadable' in message
+  assert f'--config.init_from={src}:2' in message
