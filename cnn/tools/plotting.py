@@ -16,7 +16,7 @@ import matplotlib
 import numpy as np
 
 from cnn.tools import sweeps
-from cnn.errors import CheckpointError, ConfigError
+from cnn.errors import ConfigError
 from cnn.training import run_folder
 from cnn.training.metric_writers import read_metrics
 
@@ -214,7 +214,6 @@ def first_conv_kernel(directory: str, checkpoint: str | int = 'latest'
   Returns:
     The kernel, its parameter path (e.g. 'stem/conv') and the step.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from cnn.training import checkpointing  # pylint: disable=g-import-not-at-top
   from cnn.tools import summary  # pylint: disable=g-import-not-at-top
   config = run_folder.read_config(directory)
@@ -230,12 +229,9 @@ def first_conv_kernel(directory: str, checkpoint: str | int = 'latest'
   if path is None:
     raise ConfigError(f"model '{config['model']}' has no conv layer")
   try:
-    state = ocp.StandardCheckpointer().restore(
-        os.path.join(ckpt.directory, str(step), 'state'))
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f'checkpoint {step} in {ckpt.directory} is '
-                          f'unreadable ({type(e).__name__}); train again or '
-                          'pick another with --checkpoint') from None
+    state = ckpt.restore_tree(step)
+  finally:
+    ckpt.close()
   node = state['params']
   for key in path.split('/'):
     node = node[key]

@@ -173,6 +173,23 @@ class Checkpointer:
       raise CheckpointError(self._unreadable(step, e)) from None
     return restored['state']
 
+  def restore_tree(self, step: int) -> dict:
+    """The saved state at `step` as nested dicts of arrays on this host's
+    first device, whatever its structure and whatever devices saved it (a
+    checkpoint of 8 GPUs loads on one CPU: `init_from`, plots)."""
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      metadata = ocp.StandardCheckpointer().metadata(path)
+      tree = getattr(metadata, 'item_metadata', metadata)
+      tree = getattr(tree, 'tree', tree)
+      here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))['state']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(self._unreadable(step, e)) from None
+
   def _unreadable(self, step: int, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [''])[0][:160]
     others = [s for s in self.steps() if s != step]

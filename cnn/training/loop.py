@@ -14,6 +14,7 @@ numbers as an uninterrupted run (on CPU, where XLA is deterministic).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -322,7 +323,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
   run_folder.prepare(workdir)
-  with run_folder.lock(workdir):
+  # One writer per folder: process 0 of a multi-host run holds the lock.
+  with (run_folder.lock(workdir) if sharding.is_primary()
+        else contextlib.nullcontext()):
     try:
       return _train_and_evaluate(config, workdir)
     except Exception as e:  # pylint: disable=broad-except
@@ -361,15 +364,16 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       # Only a fresh run starts from another run's weights; a resumed one
       # continues from its own checkpoint above.
       state = run.load_init_from(state)
-  if latest is None or start < total:
+  primary = sharding.is_primary()
+  if primary and (latest is None or start < total):
     # A rerun that trains nothing leaves the record as it is.
     run_folder.write_config(workdir, config,
                             saved if latest is not None else None)
 
   log_every = log_interval(config)
-  writer = metric_writers.MetricWriter(workdir, resume_step=start,
-                                       tensorboard=config.get('tensorboard',
-                                                              True))
+  writer = (metric_writers.MetricWriter(
+      workdir, resume_step=start, tensorboard=config.get('tensorboard', True))
+            if primary else metric_writers.NullWriter())
   progress = metric_writers.Progress(total, start, config.batch_size)
   if start < total:
     if run.data.train is not None:

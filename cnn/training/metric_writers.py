@@ -86,6 +86,19 @@ class MetricWriter:
       self._tb.close()
 
 
+class NullWriter:
+  """The writer of a multi-host run's other processes: process 0 writes."""
+
+  def write(self, step: int, split: str, **values):
+    del step, split, values
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
 class Progress:
   """A console line per log point: step, loss, error, lr, steps/s, ETA."""
 

@@ -195,13 +195,7 @@ def parse_init_from(spec: str) -> tuple[str, str]:
 
 def _restore_raw(checkpointer, step: int) -> dict:
   """The saved state at `step` as nested dicts, whatever its structure."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  try:
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(checkpointer._unreadable(step, e)) from None  # pylint: disable=protected-access
-  state = restored['state']
+  state = checkpointer.restore_tree(step)
   return {k: state.get(k) or {} for k in ('params', 'batch_stats')}
 
 
