@@ -59,3 +59,20 @@ def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
       lambda r: classification.init_variables(model, image_shape, r), tx,
       seed)
   return step, state
+
+
+def run_script(script: str, devices: int = 1, **env) -> dict:
+  """Runs Python `script` in a fresh CPU process (with `devices` forced host
+  devices) from the project root; returns the JSON of its last line."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', **env)
+  if devices > 1:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_'
+                        f'platform_device_count={devices}').strip()
+  proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])

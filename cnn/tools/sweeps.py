@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import re
+import statistics
 from typing import Any, Iterable, Sequence
 
 from cnn.errors import ConfigError
@@ -290,4 +291,16 @@ def format_table(rows: list[dict]) -> str:
         f"| {r['member']} | {r['status']} | {r['step']}/{r['total']} | "
         f"{train} | {fmt(r['held_out'])} | "
         f"{fmt(r['best'])} | {r['note'].replace('|', '/')} |")
+  done = [r for r in rows if r['held_out'] == r['held_out']]
+  if len(done) > 1:
+    def stat(key):
+      v = [r[key] for r in done if r[key] == r[key]]
+      if not v:
+        return '-'
+      scale = 1.0 if rows[0].get('train_key') and key == 'train' else (
+          100.0 if as_pct else 1.0)
+      return (f'{scale * statistics.mean(v):.2f} ± '
+              f'{scale * statistics.stdev(v):.2f}')
+    lines.append(f'| mean ± std ({len(done)}) | | | {stat("train")} | '
+                 f'{stat("held_out")} | {stat("best")} | |')
   return '\n'.join(lines)

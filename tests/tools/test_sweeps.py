@@ -220,3 +220,17 @@ def test_workers_sharing_a_gpu_split_its_memory(tmp_path, capsys):
   _run('local,depths=8', tmp_path, parallel=2, dry_run=True)
   out = capsys.readouterr().out
   assert 'worker 0:' in out and 'worker 1:' in out
+
+
+def test_the_table_ends_with_mean_and_std_over_members():
+  rows = [{'member': f's{i}', 'status': 'done', 'step': 4, 'total': 4,
+           'metric': 'error', 'train': t, 'held_out': h, 'best': h,
+           'note': ''} for i, (t, h) in enumerate([(0.1, 0.2), (0.3, 0.4)])]
+  last = sweeps.format_table(rows).splitlines()[-1]
+  # mean 20 / 30 %, sample std 14.14 %
+  assert last == ('| mean ± std (2) | | | 20.00 ± 14.14 | 30.00 ± 14.14 | '
+                  '30.00 ± 14.14 | |')
+  from configs import mnist  # pylint: disable=g-import-not-at-top
+  assert [n for n, _ in mnist.sweep('lenet5')] == [
+      'lenet5_s0', 'lenet5_s1', 'lenet5_s2']
+  assert mnist.get_config('lenet5,seeds=2').model == 'lenet5'

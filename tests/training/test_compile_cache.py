@@ -1,13 +1,10 @@
 """The persistent compilation cache: a second process compiling the same
 train step loads it from disk; 'off' turns the cache off."""
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 from cnn.training import compile_cache
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 _SCRIPT = textwrap.dedent('''
     import json, time
@@ -36,13 +33,7 @@ _SCRIPT = textwrap.dedent('''
 
 
 def _compile_in_a_new_process(cache: str) -> dict:
-  env = dict(os.environ, CNN_COMPILATION_CACHE=cache, JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='2')
-  proc = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_script(_SCRIPT, CNN_COMPILATION_CACHE=cache)
 
 
 def test_a_second_compile_of_the_same_step_is_a_cache_hit(tmp_path):

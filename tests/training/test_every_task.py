@@ -1,10 +1,7 @@
 """What the one loop owns holds for every task: the plateau schedule, best
 checkpoints by the task's held-out metric, the NaN guard, evaluation of any
 checkpoint (experiments.evaluate), and data parallelism."""
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from cnn.errors import NonFiniteLossError
 from cnn.training import checkpointing, loop, metric_writers
-from tests.conftest import ROOT
+from tests.conftest import run_script
 from tests.tasks.test_detection import tiny_config
 from tests.tasks.test_localization import recipe_config
 
@@ -153,16 +150,7 @@ _SHARDED = textwrap.dedent('''
 
 
 def test_detection_step_sharded_over_two_devices_equals_one_device():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=2').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  proc = subprocess.run([sys.executable, '-c', _SHARDED], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  r = run_script(_SHARDED, devices=2)
   assert r['devices'] == 2
   assert r['loss'][0] == pytest.approx(r['loss'][1], rel=1e-5)
   assert r['rpn'][0] == pytest.approx(r['rpn'][1], rel=1e-5)

@@ -5,16 +5,12 @@ The device count is fixed when JAX starts, so the check runs in a subprocess
 with `--xla_force_host_platform_device_count=4`; it prints one JSON line that
 the tests below read.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 _SCRIPT = textwrap.dedent('''
     import json
@@ -80,16 +76,7 @@ _SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope='module')
 def result():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      ' --xla_force_host_platform_device_count=4').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
-  proc = subprocess.run([sys.executable, '-c', _SCRIPT], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600,
-                        check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_script(_SCRIPT, devices=4)
 
 
 def test_batch_is_split_over_four_devices(result):
