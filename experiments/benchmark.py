@@ -19,6 +19,13 @@ bfloat16 side by side; `--compare=fusion` the train step compiled with
 XLA:CPU's default fusion against the library's default
 (`cnn.training.step.default_compiler_options`). Variants are timed round-robin, one
 step each per round, so that load from other processes hits them alike.
+
+`--layers` prints the per-layer view instead: every distinct convolution of
+the model at the train batch, its forward pass, input gradient and weight
+gradient in ms, as XLA computes them from jit arguments and (stride 1) the
+weight gradient as shifted GEMMs (`benchmarking.shifted_weight_grad`), beside
+PyTorch's with --torch; with the count of layers of each shape, so the sum
+says where a step's convolution time goes.
 """
 from __future__ import annotations
 
@@ -49,6 +56,8 @@ _COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion'],
                              'Two JAX variants side by side: float32 vs '
                              'bfloat16, or XLA default fusion vs the '
                              "library's CPU options.")
+_LAYERS = flags.DEFINE_bool('layers', False, 'Per-layer view: each conv '
+                            'shape forward / input grad / weight grad.')
 _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'Batches '
                                          'timed for the input pipeline (0: '
                                          'skip).')
@@ -118,6 +127,8 @@ def benchmark(config):
     raise ConfigError('--batch_size, --eval_batch_size and --steps must be '
                       'positive')
   dtype = _DTYPE.value or config.get('dtype', 'float32')
+  if _LAYERS.value:
+    return _layers(config, bs)
 
   # Variants: name -> kwargs of jax_setup.
   if _COMPARE.value == 'dtype':
@@ -220,6 +231,51 @@ def benchmark(config):
     verdict = 'OK' if rate >= 5 * best else 'TOO SLOW (< 5x)'
     print(f'input pipeline ({source}): {rate:,.0f} images/s = '
           f'{rate / best:,.1f}x the fastest JAX train rate: {verdict}')
+  return rows
+
+
+def _layers(config, bs: int):
+  """The per-layer table (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn import models  # pylint: disable=g-import-not-at-top
+  from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
+  name = config.model
+  model = models.get_model(name, num_classes=config.get('num_classes') or
+                           models.default_num_classes(name),
+                           **dict(config.get('model_kwargs', {})))
+  shapes = bm.conv_shapes(model, models.default_input_shape(name), bs)
+  tr = None
+  if _TORCH.value:
+    from experiments import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  header = ['conv (NHWC in -> out)', 'layers', 'jax fwd', 'jax dx',
+            'jax dW', 'jax dW shifted']
+  if tr:
+    header += ['torch fwd', 'torch dx', 'torch dW', 'fwd+dx+dW jax/torch']
+  rows, totals = [], {}
+  for sh in shapes:
+    t = bm.conv_layer_times(sh, _STEPS.value)
+    ms = lambda v: '-' if v is None else f'{1000 * v:.1f}'
+    r = [sh.describe(), str(sh.count), ms(t['forward']), ms(t['input_grad']),
+         ms(t['weight_grad']), ms(t.get('weight_grad_shifted'))]
+    jax_total = t['forward'] + t['input_grad'] + t['weight_grad']
+    totals['jax'] = totals.get('jax', 0.0) + sh.count * jax_total
+    if tr:
+      p = tr.conv_layer_times(sh.batch, sh.height, sh.width, sh.cin, sh.cout,
+                              sh.kernel, sh.stride, _STEPS.value)
+      torch_total = p['forward'] + p['input_grad'] + p['weight_grad']
+      totals['torch'] = totals.get('torch', 0.0) + sh.count * torch_total
+      r += [ms(p['forward']), ms(p['input_grad']), ms(p['weight_grad']),
+            f'{jax_total / torch_total:.2f}x']
+    rows.append(r)
+  print(f'model {name}  batch {bs}  {_STEPS.value} timed runs (median, ms)  '
+        f'device {jax.devices()[0].device_kind}')
+  _print_table(header, rows)
+  line = (f"all convolutions of one train step (x layers): jax "
+          f"{1000 * totals['jax']:.0f} ms")
+  if 'torch' in totals:
+    line += (f", torch {1000 * totals['torch']:.0f} ms "
+             f"({totals['jax'] / totals['torch']:.2f}x)")
+  print(line)
   return rows
 
 

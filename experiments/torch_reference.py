@@ -160,3 +160,35 @@ class TrainStep:
     with torch.autocast('cpu', dtype=self.dtype,
                         enabled=self.dtype != torch.float32):
       return self.model(x).float()
+
+
+def conv_layer_times(batch: int, height: int, width: int, cin: int, cout: int,
+                     kernel: int, stride: int, steps: int = 10) -> dict:
+  """PyTorch's forward / input gradient / weight gradient of one conv
+  (NCHW, float32), median seconds, as `cnn.tools.benchmarking` times JAX's."""
+  import time  # pylint: disable=g-import-not-at-top
+  from torch.nn import grad as nn_grad  # pylint: disable=g-import-not-at-top
+  x = torch.randn(batch, cin, height, width)
+  w = torch.randn(cout, cin, kernel, kernel) * 0.1
+  pad = kernel // 2
+  y = F.conv2d(x, w, stride=stride, padding=pad)
+  g = torch.randn_like(y)
+  fns = {
+      'forward': lambda: F.conv2d(x, w, stride=stride, padding=pad),
+      'input_grad': lambda: nn_grad.conv2d_input(x.shape, w, g, stride=stride,
+                                                 padding=pad),
+      'weight_grad': lambda: nn_grad.conv2d_weight(x, w.shape, g,
+                                                   stride=stride, padding=pad),
+  }
+  out = {}
+  with torch.no_grad():
+    for name, fn in fns.items():
+      fn()
+      fn()
+      ts = []
+      for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+      out[name] = sorted(ts)[len(ts) // 2]
+  return out

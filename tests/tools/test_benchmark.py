@@ -135,3 +135,26 @@ def test_torch_train_step_learns_a_fixed_batch():
   losses = [float(step(images, labels)) for _ in range(8)]
   assert losses[-1] < 0.7 * losses[0]
   assert step.eval(images).shape == (16, 10)
+
+
+def test_per_layer_view_lists_the_convolutions_and_their_gradients():
+  model = models.get_model('cifar_resnet8', num_classes=10)
+  shapes = benchmarking.conv_shapes(model, (32, 32, 3), 4)
+  # Stem, then per stage (16, 32, 64 filters at 32, 16, 8 px) one block of
+  # two 3x3 convs, the first of stages 2 and 3 with stride 2.
+  assert [(s.describe(), s.count) for s in shapes] == [
+      ('32x32x3->16 3x3/1', 1), ('32x32x16->16 3x3/1', 2),
+      ('32x32x16->32 3x3/2', 1), ('16x16x32->32 3x3/1', 1),
+      ('16x16x32->64 3x3/2', 1), ('8x8x64->64 3x3/1', 1)]
+  times = benchmarking.conv_layer_times(shapes[1], steps=2)
+  assert set(times) == {'forward', 'input_grad', 'weight_grad',
+                        'weight_grad_shifted'}
+  assert all(t > 0 for t in times.values())
+  # The shifted-GEMM weight gradient is the convolution's weight gradient.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+  g = rng.standard_normal((2, 6, 5, 4)).astype(np.float32)
+  k = np.zeros((3, 3, 3, 4), np.float32)
+  want = jax.vjp(lambda v: benchmarking._conv(x, v, 1), k)[1](g)[0]  # pylint: disable=protected-access
+  np.testing.assert_allclose(benchmarking.shifted_weight_grad(x, g, 3), want,
+                             rtol=1e-5, atol=1e-5)
