@@ -12,8 +12,19 @@ Train ResNet-20 on the prepared JPEG copy of CIFAR-10:
     --config.data_dir=../shared/data/tfds
 
 Expected: test error about 8.5-9 % at 64k steps (paper: 8.75 % on the original
-CIFAR-10; the JPEG copy costs a little). 300 steps reach about 50 % (chance is
-90 %). The paper's 45k/5k split: `--config.val_examples=5000`.
+CIFAR-10; the JPEG copy costs a little). 300 steps reach about 55 % (measured:
+55.4 %; chance is 90 %). The paper's 45k/5k split: `--config.val_examples=5000`.
+
+`MODEL,fast` is the same net and data in a fixed budget of 30 epochs (11,730
+steps of 128), for a CPU: cosine decay from lr 0.1 after a 1-epoch linear
+warm-up from 0.01 (the paper's steps squeezed into one smooth curve), Nesterov
+momentum (Sutskever et al. 2013), label smoothing 0.1 (Szegedy et al. 2016),
+weight decay 5e-4 on the conv and dense kernels only (not BatchNorm or
+biases, as in Goyal et al. 2017's recipe), an evaluation every epoch for the
+time-accuracy curve. Not yet measured here: the target is <= 10.25 % test
+error (the paper's 8.75 % + 1.5) in about 30 epochs = 11,730 steps, some
+hours on this 2-core CPU at ~150-250 images/s; it resumes where it stopped.
+`MODEL,fast_local` runs 4 steps of it (tests).
 """
 from ml_collections import config_dict
 
@@ -21,11 +32,16 @@ from configs import common
 
 
 def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
-  """Held-out metric: top-1 `error` on `test` (and `val` with
-  val_examples); the best checkpoint is the lowest val (else test) error."""
+  """`MODEL[,fast|,fast_local]`. Held-out metric: top-1 `error` on `test`
+  (and `val` with val_examples); the best checkpoint is the lowest val
+  (else test) error."""
+  model, _, preset = (arg or 'cifar_resnet20').partition(',')
+  if preset not in ('', 'fast', 'fast_local'):
+    raise ValueError(f"unknown preset '{preset}'; use MODEL, MODEL,fast or "
+                     'MODEL,fast_local')
   c = config_dict.ConfigDict()
   c.task = 'classification'
-  c.model = arg or 'cifar_resnet20'
+  c.model = model or 'cifar_resnet20'
   c.model_kwargs = config_dict.ConfigDict()  # e.g. {'shortcut': 'B'}
   c.num_classes = 0  # 0: the dataset's.
   c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
@@ -44,9 +60,26 @@ def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
   c.classes = ()
   c.train_examples_per_class = 0  # N > 0: the first N of each class only.
   c.eval_batch_size = 500
+  c.label_smoothing = 0.0  # s: targets (1 - s) one-hot + s / K.
 
   # He et al. use 0.01 warm-up for ~400 steps for ResNet-110 only.
-  return common.add_training_fields(
+  common.add_training_fields(
       c, batch_size=128, num_train_steps=64_000, learning_rate=0.1,
       weight_decay=1e-4, lr_schedule='step', lr_milestones=(32_000, 48_000),
       warmup_lr=0.01)
+  if preset:
+    epoch = 391  # steps of 128 in CIFAR-10's 50,000 training images
+    c.num_train_steps = 30 * epoch
+    c.lr_schedule, c.lr_milestones = 'cosine', ()
+    c.warmup, c.warmup_steps, c.warmup_lr = 'linear', epoch, 0.01
+    c.nesterov = True
+    c.label_smoothing = 0.1
+    c.weight_decay, c.decay_bn_and_bias = 5e-4, False
+    c.eval_every_steps = c.checkpoint_every_steps = epoch
+    c.log_every_steps = 23  # 17 log points an epoch
+  if preset == 'fast_local':
+    c.num_train_steps, c.warmup_steps = 4, 2
+    c.batch_size, c.eval_batch_size = 8, 16
+    c.eval_every_steps = c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+  return c

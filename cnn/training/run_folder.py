@@ -82,6 +82,11 @@ def resume_check(saved: dict, config, start: int) -> list[str]:
   old = _flat(saved)
   # Runs written before config.task existed.
   old.setdefault('task', new.get('task'))
+  # A field that a later version added, at its neutral value (0, '', (),
+  # False: off), is how the run was trained.
+  for k, v in new.items():
+    if k not in old and v in (0, '', [], False, None):
+      old[k] = v
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   bad, notes = [], []
   for k in changed:

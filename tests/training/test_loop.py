@@ -240,3 +240,27 @@ def test_unknown_config_preset_is_one_line(tmp_path):
   assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
       "error: bad --config: unknown preset 'yolo'; use one of rcnn, "
       "fast_rcnn, faster_rcnn, optionally followed by ',local'"]
+
+
+def test_label_smoothing_and_the_fast_preset():
+  from cnn.tasks.classification import task as classification  # pylint: disable=g-import-not-at-top
+  logits = jnp.log(jnp.asarray([[0.7, 0.2, 0.1]]))
+  got = classification.smoothed_cross_entropy(logits, jnp.asarray([0]), 0.3)
+  # targets 0.7 + 0.1, 0.1, 0.1
+  want = -(0.8 * np.log(0.7) + 0.1 * np.log(0.2) + 0.1 * np.log(0.1))
+  np.testing.assert_allclose(got[0], want, rtol=1e-6)
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  fast = cifar10.get_config('cifar_resnet20,fast')
+  assert (fast.num_train_steps, fast.lr_schedule, fast.nesterov,
+          fast.label_smoothing, fast.decay_bn_and_bias) == (
+              11730, 'cosine', True, 0.1, False)
+  with pytest.raises(ValueError, match='unknown preset'):
+    cifar10.get_config('cifar_resnet20,slow')
+
+
+def test_the_fast_preset_runs_locally(tmp_path):
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  final = run(cifar10.get_config('cifar_resnet8,fast_local'), tmp_path)
+  lrs = [r['learning_rate'] for r in records(tmp_path) if r['split'] == 'train']
+  assert lrs[0] < lrs[1]  # the linear warm-up
+  assert 0.0 <= final['test']['error'] <= 1.0

@@ -232,3 +232,15 @@ def test_an_unreadable_init_from_checkpoint_names_another_step(two_steps,
   message = str(e.value)
   assert '\n' not in message and 'unreadable' in message
   assert f'--config.init_from={src}:2' in message
+
+
+def test_a_field_added_later_at_its_neutral_value_is_no_change(two_steps,
+                                                                tmp_path):
+  wd = copy(two_steps, tmp_path / 'old_run')
+  saved = json.loads((wd / 'config.json').read_text())
+  del saved['label_smoothing'], saved['lr_milestone_fractions']
+  (wd / 'config.json').write_text(json.dumps(saved))  # an older version's
+  train(small_config('lenet5', steps=4), wd)  # resumes
+  # (the resumed run recorded the field: a real change is still refused)
+  with pytest.raises(ConfigError, match='label_smoothing 0.0 -> 0.1'):
+    train(small_config('lenet5', steps=6, label_smoothing=0.1), wd)

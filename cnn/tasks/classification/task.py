@@ -46,8 +46,18 @@ def init_variables(model, image_shape, rng) -> dict:
   return jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
 
 
+def smoothed_cross_entropy(logits, labels, smoothing: float):
+  """Cross-entropy against labels smoothed to (1 - s) one-hot + s / K
+  (Szegedy et al. 2016, section 7); s = 0 is the plain cross-entropy."""
+  if not smoothing:
+    return cross_entropy(logits, labels)
+  k = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, k), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
 def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, label_smoothing: float = 0.0):
   """`(params, batch_stats, batch, rng) -> (loss, ({'error'}, batch_stats))`.
 
   Args:
@@ -56,6 +66,8 @@ def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
     augment: 'crop_flip' (pad, random crop, flip on device), 'flip' or 'none'.
     pad: padding for the random crop.
     dtype: compute dtype of the input (bfloat16 for mixed precision).
+    label_smoothing: s of `smoothed_cross_entropy` (the train loss only;
+      held-out losses stay the plain cross-entropy).
   """
   if augment not in AUGMENTS:
     raise base.unknown_value('augment', augment, AUGMENTS)
@@ -72,7 +84,7 @@ def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
     logits, new_vars = model.apply(
         {'params': params, 'batch_stats': batch_stats}, images,
         train=True, mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    loss = cross_entropy(logits, labels).mean()
+    loss = smoothed_cross_entropy(logits, labels, label_smoothing).mean()
     error = jnp.mean(jnp.argmax(logits, -1) != labels)
     return loss, ({'error': error}, new_vars.get('batch_stats', batch_stats))
   return loss_fn
@@ -115,6 +127,9 @@ class ClassificationTask(base.Task):
     if config.get('dtype', 'float32') not in DTYPES:
       raise ConfigError(f"dtype='{config.dtype}' is unknown; use float32 or "
                         'bfloat16')
+    if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
+      raise ConfigError(f'label_smoothing={config.label_smoothing} must be in '
+                        '[0, 1)')
     if config.get('augment', 'crop_flip') not in AUGMENTS:
       raise base.unknown_value('augment', config.augment, AUGMENTS)
     if config.lr_schedule == 'plateau':
@@ -148,7 +163,8 @@ class ClassificationTask(base.Task):
     return make_loss_fn(
         model, data.mean,
         augment=c.augment if data.train is not None else 'none',
-        pad=c.get('pad', 4), dtype=self._dtype())
+        pad=c.get('pad', 4), dtype=self._dtype(),
+        label_smoothing=float(c.get('label_smoothing', 0.0)))
 
   def evaluate(self, model, variables, data, split, *, final, shard) -> dict:
     """Loss and top-1 error over the whole split (no example dropped)."""
