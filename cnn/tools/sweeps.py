@@ -25,6 +25,7 @@ import statistics
 from typing import Any, Iterable, Sequence
 
 from cnn.errors import ConfigError
+from cnn.training import run_folder
 from cnn.training.metric_writers import read_metrics
 
 DONE, PARTIAL, FAILED, NEW = 'done', 'partial', 'failed', 'new'
@@ -184,12 +185,7 @@ def member_dir(workdir: str, member: Member) -> str:
   return os.path.join(workdir, member.name)
 
 
-def checkpoint_steps(directory: str) -> list[int]:
-  """Finished checkpoint steps (orbax renames a step folder when complete)."""
-  path = os.path.join(directory, 'checkpoints')
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+checkpoint_steps = run_folder.checkpoint_steps
 
 
 def status(directory: str, total_steps: int) -> str:

@@ -288,12 +288,6 @@ def _disk_full(e: BaseException | None) -> bool:
   return False
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if (
-      os.path.isdir(d)) else []
-
-
 def _logged(result: dict) -> dict:
   """A result's metrics for metrics.jsonl: 'examples' is a count."""
   return {k: v for k, v in result.items() if k != 'examples'}
@@ -322,6 +316,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
+  # A config that cannot work is refused before anything is created.
+  validate_config(config, tasks.get(config))
   run_folder.prepare(workdir)
   # One writer per folder: process 0 of a multi-host run holds the lock.
   with (run_folder.lock(workdir) if sharding.is_primary()
@@ -331,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, UserError) or not _disk_full(e):
         raise
-      steps = _checkpoint_steps(workdir)
+      steps = run_folder.checkpoint_steps(workdir)
       kept = (f'it resumes from step {steps[-1]}' if steps
               else 'no checkpoint had been written')
       raise UserError(f'disk full while writing {workdir} ({e}); free some '
@@ -423,8 +419,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       is_eval = s % config.eval_every_steps == 0 or s == total
       is_ckpt = s % config.checkpoint_every_steps == 0 or s == total
       if s % log_every == 0 or is_eval or is_ckpt:
-        _check_finite(window, window_start, run.checkpointer)
-        host = jax.device_get(window)
+        host = jax.device_get(window)  # one transfer per log point
+        _check_finite(host, window_start, run.checkpointer)
         # The loss first, then the task's metrics (sorted, as jit returns).
         keys = ['loss'] + [k for k in host[0]
                            if k not in ('loss', 'learning_rate')]

@@ -126,6 +126,15 @@ def _unflat(flat: dict) -> dict:
   return out
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Finished checkpoint steps of a run folder (orbax renames a step folder
+  when it is complete), read from the folder names alone."""
+  path = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path) if n.isdigit())
+
+
 def read_config(workdir: str) -> dict | None:
   """The saved config.json, None when there is none.
 

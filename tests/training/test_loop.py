@@ -95,7 +95,7 @@ def test_bad_config_values_are_one_line_errors(tmp_path):
     run(small_config(lr_schedule='bogus'), tmp_path / 'b')
   with pytest.raises(ConfigError, match='val_examples'):
     run(small_config(lr_schedule='plateau'), tmp_path / 'c')
-  assert not (tmp_path / 'a' / 'config.json').exists()
+  assert not (tmp_path / 'a').exists()  # nothing created for a bad config
 
 
 def test_foreign_and_corrupt_checkpoints_are_clear_errors(tmp_path):
