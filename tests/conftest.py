@@ -26,6 +26,12 @@ requires_cifar10_jpeg = pytest.mark.skipif(
     not HAS_CIFAR10_JPEG, reason=f'no cifar10_jpeg under {SHARED_TFDS}')
 
 
+def requires_shared(name: str):
+  """Skips a test where the prepared dataset `name` is not in SHARED_TFDS."""
+  return pytest.mark.skipif(not (SHARED_TFDS / name).is_dir(),
+                            reason=f'no {name} under {SHARED_TFDS}')
+
+
 def small_config(model='cifar_resnet8', steps=4, **overrides):
   """The CIFAR recipe shrunk to a few steps of a tiny net."""
   from configs import cifar10  # pylint: disable=g-import-not-at-top

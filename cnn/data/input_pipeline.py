@@ -79,34 +79,71 @@ def _as_dataset(builder, split: str, data_dir: str | None):
 
 @dataclasses.dataclass
 class ArrayData:
-  """A split held in memory: uint8 images (N, H, W, C), int32 labels (N,)."""
+  """A split held in memory: uint8 images (N, H, W, C), int32 labels (N,),
+  and for datasets with one box per image (Tiny ImageNet) float32 boxes
+  (N, 4) as TFDS BBox (ymin, xmin, ymax, xmax) in [0, 1]."""
   images: np.ndarray
   labels: np.ndarray
+  boxes: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def batch(self, indices) -> dict:
-    """The training batch of these example indices."""
+    """The training batch of these example indices (boxes stay on the host:
+    classification does not need them)."""
     return {'image': self.images[indices], 'label': self.labels[indices]}
 
+  def take(self, indices, labels=None) -> 'ArrayData':
+    """The examples at `indices` (a slice or index array), boxes kept;
+    `labels` replaces their labels (relabelled class subsets)."""
+    return ArrayData(self.images[indices],
+                     self.labels[indices] if labels is None else labels,
+                     None if self.boxes is None else self.boxes[indices])
 
-def load_arrays(name: str, split: str, data_dir: str | None) -> ArrayData:
-  """Reads a whole TFDS split into memory as uint8 images and int32 labels."""
+
+def has_boxes(name: str, data_dir: str | None) -> bool:
+  """Whether the dataset has one `bbox` per image (a BBoxFeature)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = _builder(name, data_dir).info.features
+  return 'bbox' in features and isinstance(features['bbox'],
+                                           tfds.features.BBoxFeature)
+
+
+def load_arrays(name: str, split: str, data_dir: str | None, *,
+                boxes: bool = False) -> ArrayData:
+  """Reads a whole TFDS split into memory as uint8 images and int32 labels.
+
+  Args:
+    name, split, data_dir: the TFDS dataset and split.
+    boxes: also read the `bbox` feature (one box per image).
+
+  Raises:
+    DataError: the dataset or split is missing or empty, or `boxes` is asked
+      of a dataset without a `bbox` feature.
+  """
   builder = _builder(name, data_dir)
+  if boxes and not has_boxes(name, data_dir):
+    raise DataError(
+        f"dataset '{name}' has no 'bbox' feature (one box per image): "
+        'localization needs one, e.g. --config.dataset=tiny_imagenet')
   ds = _as_dataset(builder, split, data_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  images, labels = [], []
+  images, labels, bboxes = [], [], []
   # Batched reads, never batch_size=-1: that aborts under tfds mock_data.
   for ex in tfds.as_numpy(ds.batch(4096)):
     images.append(ex['image'])
     labels.append(ex['label'])
+    if boxes:
+      bboxes.append(ex['bbox'])
   if not images:
     raise DataError(f"split '{split}' of dataset '{name}' is empty")
   images = np.concatenate(images).astype(np.uint8, copy=False)
   if images.ndim == 3:
     images = images[..., None]
-  return ArrayData(images, np.concatenate(labels).astype(np.int32))
+  return ArrayData(images, np.concatenate(labels).astype(np.int32),
+                   np.concatenate(bboxes).astype(np.float32) if boxes
+                   else None)
 
 
 def dataset_info(name: str, data_dir: str | None) -> tuple[int, tuple]:
@@ -116,8 +153,22 @@ def dataset_info(name: str, data_dir: str | None) -> tuple[int, tuple]:
 
 
 def class_names(name: str, data_dir: str | None) -> list[str]:
-  """The label names of a TFDS classification dataset."""
-  return list(_builder(name, data_dir).info.features['label'].names)
+  """The label names of a TFDS classification dataset, readable.
+
+  Where the labels are ids (Tiny ImageNet's WordNet ids), a tab-separated
+  `{name}_classes.tsv` (id, name) in `data_dir` or next to it gives the
+  names (`../shared/data/tiny_imagenet_classes.tsv`); ids it lacks stay.
+  """
+  names = list(_builder(name, data_dir).info.features['label'].names)
+  for folder in ([data_dir, os.path.join(data_dir, os.pardir)]
+                 if data_dir else []):
+    path = os.path.join(os.path.expanduser(folder), f'{name}_classes.tsv')
+    if os.path.exists(path):
+      with open(path) as f:
+        lookup = dict(line.rstrip('\n').split('\t', 1) for line in f
+                      if '\t' in line)
+      return [lookup.get(n, n) for n in names]
+  return names
 
 
 @dataclasses.dataclass
@@ -153,7 +204,11 @@ def get_datasets(config) -> Datasets:
       raise DataError('classes / train_examples_per_class need an in-memory '
                       f"dataset; '{config.dataset}' streams: leave them unset")
     return _streaming_datasets(config, num_classes)
-  train = load_arrays(config.dataset, config.train_split, config.data_dir)
+  # The boxes come along where the dataset has them (Tiny ImageNet), for
+  # localization and for pictures; classification ignores them.
+  boxes = has_boxes(config.dataset, config.data_dir)
+  train = load_arrays(config.dataset, config.train_split, config.data_dir,
+                      boxes=boxes)
   all_classes = num_classes
   if classes:
     train = select_classes(train, classes, all_classes)
@@ -165,13 +220,13 @@ def get_datasets(config) -> Datasets:
       raise DataError(f'val_examples={n_val} must be between 1 and the '
                       f'{len(train)} training examples')
     # The paper's 45k/5k split: the last n_val training images are held out.
-    evals['val'] = ArrayData(train.images[-n_val:], train.labels[-n_val:])
-    train = ArrayData(train.images[:-n_val], train.labels[:-n_val])
+    evals['val'] = train.take(slice(-n_val, None))
+    train = train.take(slice(None, -n_val))
   if per_class:
     train = first_per_class(train, per_class)
   if config.test_split:
     evals['test'] = load_arrays(config.dataset, config.test_split,
-                                config.data_dir)
+                                config.data_dir, boxes=boxes)
     if classes:
       evals['test'] = select_classes(evals['test'], classes, all_classes)
   mean = pixel_mean(train.images, config.mean_subtraction)
@@ -197,7 +252,7 @@ def select_classes(data: ArrayData, classes: tuple,
   keep = np.flatnonzero(lookup[data.labels] >= 0)
   if not keep.size:
     raise DataError(f'no example of classes={tuple(classes)} in the split')
-  return ArrayData(data.images[keep], lookup[data.labels[keep]])
+  return data.take(keep, labels=lookup[data.labels[keep]])
 
 
 def first_per_class(data: ArrayData, n: int) -> ArrayData:
@@ -209,7 +264,7 @@ def first_per_class(data: ArrayData, n: int) -> ArrayData:
   keep = np.zeros(len(data), bool)
   for c in np.unique(data.labels):
     keep[np.flatnonzero(data.labels == c)[:n]] = True
-  return ArrayData(data.images[keep], data.labels[keep])
+  return data.take(keep)
 
 
 def pixel_mean(images: np.ndarray, mode: str) -> np.ndarray:

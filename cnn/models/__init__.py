@@ -10,6 +10,7 @@ Names:
   vgg_a, vgg_a_lrn, vgg_b, vgg_c, vgg_d, vgg_e (vgg11/13/16/19 = A/B/D/E),
     vgg_tiny
   resnet18/34/50/101/152, plain18/34, resnet_tiny
+  resnet18_64, plain18_64, vgg_64 (64x64 inputs, 200 classes: Tiny ImageNet)
   cifar_resnet{6n+2}, cifar_plain{6n+2} (any n >= 1; 8 is the tiny one)
   lenet5
   det_trunk (the detectors' trunk + FC layers as a CIFAR classifier)
@@ -101,6 +102,17 @@ _VARIANTS.update({
         ResNet, dict(block='basic', stage_sizes=_RESNETS[depth][1],
                      residual=False), _IMAGENET, 1000)
     for depth in (18, 34)})
+# Tiny ImageNet (64x64, 200 classes): ResNet-18 / its plain twin with a 3x3
+# stride-1 stem and no pool (stage 4 sees 8x8), and a VGG-style net with BN.
+_TINY = (64, 64, 3)
+_VARIANTS.update({
+    'resnet18_64': _Variant(ResNet, dict(stage_sizes=(2, 2, 2, 2),
+                                         stem='3x3'), _TINY, 200),
+    'plain18_64': _Variant(ResNet, dict(stage_sizes=(2, 2, 2, 2), stem='3x3',
+                                        residual=False), _TINY, 200),
+    'vgg_64': _Variant(VGG, dict(stages=VGG_CONFIGS['64'], batch_norm=True,
+                                 fc_width=1024), _TINY, 200),
+})
 _ALIASES = {'vgg11': 'vgg_a', 'vgg13': 'vgg_b', 'vgg16': 'vgg_d',
             'vgg19': 'vgg_e'}
 

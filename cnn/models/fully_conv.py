@@ -56,7 +56,7 @@ def trunk_of(model: nn.Module, name: str | None = 'features') -> nn.Module:
       conv = functools.partial(conv, use_bias=False)
       norm = functools.partial(nn.BatchNorm, use_running_average=True,
                                momentum=0.9, epsilon=1e-5, dtype=model.dtype)
-    return VGGFeatures(model.stages, conv, norm, model.lrn, name=name)
+    return VGGFeatures(model.conv_stages, conv, norm, model.lrn, name=name)
   raise ValueError(
       f'{type(model).__name__} has no fully connected head on a `features` '
       'trunk to convert; convertible: OverFeat nets (overfeat_fast, '

@@ -174,6 +174,29 @@ class ImageNetStem(nn.Module):
     return MaxPool(3, 2, padding=PAD3, name='pool')(x)
 
 
+class SmallStem(nn.Module):
+  """3x3 conv (stride 1 or 2) + BN + ReLU, no pool: for 32-64 px inputs.
+
+  Tiny ImageNet's 64x64 images through the ImageNet stem would leave a 2x2
+  map at stage 4; with this stem at stride 1 stage 4 sees 8x8 (as a CIFAR
+  ResNet-18 sees 4x4 at 32x32), at stride 2 it sees 4x4 for a quarter of
+  the compute.
+  """
+  features: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(self.features, (3, 3), strides=self.strides, padding=PAD3,
+                  name='conv')(x)
+    return nn.relu(self.norm(name='bn')(x))
+
+
+STEMS = ('imagenet', '3x3')
+
+
 def check_block(block: str) -> None:
   """Raises ValueError unless `block` names a block type."""
   if block not in BLOCKS:
@@ -193,6 +216,9 @@ class ResNet(nn.Module):
     shortcut: 'B' (projection only where the shape changes; the paper's
       ImageNet default) or 'A' (zero-padding).
     num_classes: outputs of `head`.
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max pool, 224 -> 56) or '3x3' (one
+      3x3 conv of stride `stem_strides`, no pool: `SmallStem`, for 64x64).
+    stem_strides: stride of the '3x3' stem (1 or 2).
     dtype: compute dtype; parameters stay float32.
   """
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -201,6 +227,8 @@ class ResNet(nn.Module):
   residual: bool = True
   shortcut: str = 'B'
   num_classes: int = 1000
+  stem: str = 'imagenet'
+  stem_strides: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -210,7 +238,13 @@ class ResNet(nn.Module):
                              kernel_init=he_normal)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    x = ImageNetStem(self.num_filters, conv, norm, name='stem')(x)
+    if self.stem == 'imagenet':
+      x = ImageNetStem(self.num_filters, conv, norm, name='stem')(x)
+    elif self.stem == '3x3':
+      x = SmallStem(self.num_filters, conv, norm, self.stem_strides,
+                    name='stem')(x)
+    else:
+      raise ValueError(f'stem must be one of {STEMS}, got {self.stem!r}')
     for i, n in enumerate(self.stage_sizes):
       x = Stage(self.block, n, self.num_filters * 2**i, conv, norm,
                 strides=1 if i == 0 else 2, residual=self.residual,

@@ -37,6 +37,10 @@ CONFIGS = {
           _convs(512, 512, 512, 512), _convs(512, 512, 512, 512)),
     # Five pools like the real nets but narrow: runs on 32x32 in tests.
     'tiny': (_convs(8), _convs(16), _convs(16), _convs(32), _convs(32)),
+    # VGG-style for 64x64 (Tiny ImageNet): B's first four stages, four
+    # pools, 4 x 4 x 512 into fc6.
+    '64': (_convs(64, 64), _convs(128, 128), _convs(256, 256),
+           _convs(512, 512)),
 }
 
 
@@ -78,6 +82,8 @@ class VGG(nn.Module):
     lrn: LRN after the first conv (A-LRN).
     batch_norm: BN after every conv (not in the paper; convs then drop bias).
     fc_width: width of fc6 and fc7.
+    width_multiplier: every conv's width times this (rounded; narrow nets
+      for a CPU budget).
     dropout_rate: dropout after fc6 and fc7 in training.
     num_classes: outputs of `head`.
     dtype: compute dtype; parameters stay float32.
@@ -86,9 +92,18 @@ class VGG(nn.Module):
   lrn: bool = False
   batch_norm: bool = False
   fc_width: int = 4096
+  width_multiplier: float = 1.0
   dropout_rate: float = 0.5
   num_classes: int = 1000
   dtype: Dtype = jnp.float32
+
+  @property
+  def conv_stages(self):
+    """`stages` with every width times `width_multiplier`."""
+    if self.width_multiplier == 1.0:
+      return self.stages
+    return tuple(tuple((max(1, round(w * self.width_multiplier)), k)
+                       for w, k in convs) for convs in self.stages)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -98,7 +113,8 @@ class VGG(nn.Module):
     if self.batch_norm:
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    x = VGGFeatures(self.stages, conv, norm, self.lrn, name='features')(x)
+    x = VGGFeatures(self.conv_stages, conv, norm, self.lrn,
+                    name='features')(x)
     return fc_classifier(
         x, {'fc6': self.fc_width, 'fc7': self.fc_width}, self.num_classes,
         dropout_rate=self.dropout_rate, dtype=self.dtype, train=train)

@@ -35,6 +35,14 @@ GOLDEN = {
     'cifar_resnet110': 1_727_962,
     'cifar_resnet1202': 19_421_274,
     'lenet5': 61_706,
+    # Tiny ImageNet (200 classes): ResNet-18's 11,689,512 with the 7x7 stem
+    # (9,408) replaced by a 3x3 one (1,728) and a 200-way head (102,600 for
+    # 513,000); its plain twin lacks the three projections (173,824).
+    'resnet18_64': 11_271_432,
+    'plain18_64': 11_097_608,
+    # VGG-B's first 8 convs (4,683,456) + BN (3,840) + fc6 8192->1024 +
+    # fc7 1024->1024 + head 1024->200.
+    'vgg_64': 14_331_528,
 }
 
 
@@ -217,6 +225,37 @@ def test_vgg_shapes_and_other_input_sizes():
   params = abstract_variables(models.get_model('vgg_c'), (224, 224, 3))
   assert params['params']['features']['conv3_3']['kernel'].shape == (
       1, 1, 256, 256)
+
+
+def test_tiny_imagenet_nets_keep_an_8x8_map_and_narrow_variants():
+  inter = intermediates('resnet18_64')
+  assert inter['stem']['__call__'][0].shape == (1, 64, 64, 64)
+  assert inter['stage4']['__call__'][0].shape == (1, 8, 8, 512)
+  inter = intermediates('resnet18_64', num_filters=16, stem_strides=2)
+  assert inter['stage1']['__call__'][0].shape == (1, 32, 32, 16)
+  assert inter['stage4']['__call__'][0].shape == (1, 4, 4, 128)
+  inter = intermediates('vgg_64', width_multiplier=0.25, fc_width=256)
+  assert inter['features']['pool4']['__call__'][0].shape == (1, 4, 4, 128)
+  params = abstract_variables(
+      models.get_model('vgg_64', width_multiplier=0.25, fc_width=256),
+      (64, 64, 3))['params']
+  assert params['fc6']['kernel'].shape == (4 * 4 * 128, 256)
+  with pytest.raises(ValueError, match='stem'):
+    num_params('resnet18_64', stem='5x5')
+
+
+def test_a_model_that_cannot_take_the_input_is_one_line():
+  from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.classification.task import check_input_shape  # pylint: disable=g-import-not-at-top
+  check_input_shape(models.get_model('vgg_64'), 'vgg_64', (64, 64, 3),
+                    'tiny_imagenet')
+  # Five 2x2 pools take 28 to nothing: refused before any step.
+  with pytest.raises(ConfigError) as e:
+    check_input_shape(models.get_model('vgg_d', num_classes=10), 'vgg_d',
+                      (28, 28, 1), 'mnist')
+  msg = str(e.value)
+  assert '\n' not in msg and '28x28x1' in msg and 'mnist' in msg
+  assert '224x224x3' in msg
 
 
 def test_resnet50_shapes():

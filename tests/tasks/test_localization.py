@@ -158,7 +158,7 @@ def test_freezing_trains_only_the_stage_parameters():
 def test_box_metrics_and_mean_box_baseline():
   true = np.array([[0, 0, 10, 10], [10, 10, 10, 10]], float)
   m = dense.box_metrics(true, true)
-  assert m == {'mean_iou': 1.0, 'iou50': 1.0}
+  assert m == {'mean_iou': 1.0, 'iou50': 1.0, 'oracle_loc_error': 0.0}
   mean = np.broadcast_to(true.mean(0), true.shape)
   m = dense.box_metrics(mean, true, 'mean_box_')
   expected = float(box_ops.iou(np.array([5., 5, 10, 10]), true[0]))
@@ -179,9 +179,51 @@ def test_localization_error_needs_the_class_and_iou_at_least_half():
   # at IoU 0.5, the right class at IoU < 0.5.
   assert m['loc_error'] == pytest.approx(0.5)
   assert m['iou50'] == pytest.approx(0.75)
+  assert m['oracle_loc_error'] == pytest.approx(0.25)
+  assert 'loc_error_top5' not in m  # one guess only
 
 
-def test_config_errors():
+def test_top5_localization_error_any_guess_with_class_and_box():
+  true_box = np.array([[0, 0, 10, 10]] * 4, float)
+  half = [0, 0, 20, 10]  # IoU exactly 0.5
+  below = [0, 0, 20.5, 10]  # IoU just under 0.5
+  far = [30, 30, 10, 10]  # IoU 0
+  true_cls = np.array([7, 7, 7, 7])
+  classes = np.array([[1, 2, 3, 4, 7],    # 5th guess right, at IoU 0.5
+                      [1, 2, 3, 4, 5],    # class not in the top 5
+                      [7, 2, 3, 4, 5],    # top-1 class, its box too small
+                      [2, 7, 3, 4, 5]])   # 2nd guess right, its own box
+  boxes = np.array([[far] * 4 + [half],
+                    [half] * 5,
+                    [below] + [half] * 4,  # class 2's box fits, not 7's
+                    [half, true_box[0].tolist(), far, far, far]], float)
+  assert dense.localization_error(classes, boxes, true_cls,
+                                  true_box) == pytest.approx(0.5)
+  # Top-1 alone: only row 2 has the class first, and its box misses.
+  assert dense.localization_error(classes[:, 0], boxes[:, 0], true_cls,
+                                  true_box) == 1.0
+  m = dense.box_metrics(boxes, true_box, 'd_', classes, true_cls)
+  assert m['d_loc_error_top5'] == pytest.approx(0.5)
+  assert m['d_loc_error'] == 1.0
+  # One class-agnostic box for all five guesses (the single window).
+  agnostic = np.array([half, half, below, half], float)
+  assert dense.localization_error(classes, agnostic, true_cls,
+                                  true_box) == pytest.approx(0.5)  # rows 0, 3
+
+
+def test_config_errors(tmp_path):
+  with tfds.testing.mock_data(num_examples=4):
+    c = loc_configs.get_config('joint')
+    c.dataset, c.data_dir = 'cifar10', None
+    with pytest.raises(ConfigError, match="cifar10' has no 'bbox'"):
+      LocalizationTask(c).validate()
+  c = loc_configs.get_config('joint')
+  c.dataset, c.data_dir = 'no_such_set', str(tmp_path)
+  with pytest.raises(DataError, match='no_such_set'):
+    LocalizationTask(c).validate()
+  with pytest.raises(DataError, match="'cifar10' has no 'bbox'"):
+    with tfds.testing.mock_data(num_examples=4):
+      input_pipeline.load_arrays('cifar10', 'train', None, boxes=True)
   c = loc_configs.get_config('regress')
   with pytest.raises(ConfigError, match='init_from'):
     LocalizationTask(c).validate()

@@ -20,7 +20,7 @@ from cnn.errors import ConfigError
 from cnn.tasks import base
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-AUGMENTS = ('crop_flip', 'flip', 'none')
+AUGMENTS = ('crop_flip', 'rrc_flip', 'flip', 'none')
 REQUIRED_FIELDS = ('model', 'dataset', 'data_dir', 'eval_batch_size')
 
 
@@ -46,6 +46,38 @@ def init_variables(model, image_shape, rng) -> dict:
   return jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
 
 
+def check_input_shape(model, name: str, image_shape, dataset: str) -> None:
+  """Refuses an input that a model cannot take (before anything runs).
+
+  A net whose maps shrink to nothing (four pools on 8x8) or whose FC layer
+  was sized for another input would otherwise fail deep in XLA, or (an
+  empty map into a Dense layer) train on biases alone.
+
+  Raises:
+    ConfigError: one line naming the model, the image size and the layer.
+  """
+  dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+  where = (f"model {name} cannot take the {'x'.join(map(str, image_shape))} "
+           f"images of dataset '{dataset}'")
+  hint = (f'use a model made for that size (models.default_input_shape: '
+          f'{name} expects {"x".join(map(str, models.default_input_shape(name)))})')
+  try:
+    _, state = jax.eval_shape(
+        lambda x: model.init_with_output(
+            jax.random.key(0), x, train=False,
+            capture_intermediates=True), dummy)
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    raise ConfigError(f'{where}: it fails on that size ({first}); '
+                      f'{hint}') from None
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      state.get('intermediates', {})):
+    if 0 in leaf.shape:
+      layer = '/'.join(str(getattr(k, 'key', k)) for k in path[:-1])
+      raise ConfigError(f'{where}: the map is empty after {layer} '
+                        f'{tuple(leaf.shape)}; {hint}')
+
+
 def smoothed_cross_entropy(logits, labels, smoothing: float):
   """Cross-entropy against labels smoothed to (1 - s) one-hot + s / K
   (Szegedy et al. 2016, section 7); s = 0 is the plain cross-entropy."""
@@ -57,17 +89,21 @@ def smoothed_cross_entropy(logits, labels, smoothing: float):
 
 
 def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
-                 dtype=jnp.float32, label_smoothing: float = 0.0):
+                 dtype=jnp.float32, label_smoothing: float = 0.0,
+                 crop_area=(0.25, 1.0)):
   """`(params, batch_stats, batch, rng) -> (loss, ({'error'}, batch_stats))`.
 
   Args:
     model: a Linen module called as `model.apply(vars, x, train=...)`.
     mean: training mean in [0, 1] units, per pixel or per channel.
-    augment: 'crop_flip' (pad, random crop, flip on device), 'flip' or 'none'.
+    augment: 'crop_flip' (pad, random crop, flip on device), 'rrc_flip'
+      (random resized crop of `crop_area`, flip; `augment.
+      random_resized_crop_flip`), 'flip' or 'none'.
     pad: padding for the random crop.
     dtype: compute dtype of the input (bfloat16 for mixed precision).
     label_smoothing: s of `smoothed_cross_entropy` (the train loss only;
       held-out losses stay the plain cross-entropy).
+    crop_area: (min, max) area fractions of 'rrc_flip'.
   """
   if augment not in AUGMENTS:
     raise base.unknown_value('augment', augment, AUGMENTS)
@@ -76,7 +112,10 @@ def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
   def loss_fn(params, batch_stats, batch, rng):
     aug_rng, dropout_rng = jax.random.split(rng)
     images = augment_lib.normalize(batch['image'], mean)
-    if augment != 'none':
+    if augment == 'rrc_flip':
+      images = augment_lib.random_resized_crop_flip(aug_rng, images,
+                                                    tuple(crop_area))
+    elif augment != 'none':
       images = augment_lib.random_crop_flip(
           aug_rng, images, pad if augment == 'crop_flip' else 0)
     images = images.astype(dtype)
@@ -90,8 +129,20 @@ def make_loss_fn(model, mean, *, augment: str = 'crop_flip', pad: int = 4,
   return loss_fn
 
 
+# Top-5 error is reported for datasets with more classes than this (Tiny
+# ImageNet, ImageNet), as in ILSVRC; not for CIFAR-10 or MNIST.
+TOP5_MIN_CLASSES = 10
+
+
+def top5_wrong(logits, labels):
+  """1.0 where the label is not among the 5 highest logits."""
+  _, top = jax.lax.top_k(logits, 5)
+  return 1.0 - jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
 def make_eval_step(model, mean, dtype=jnp.float32):
-  """Jitted `(variables, batch) -> summed {'loss', 'error', 'count'}`."""
+  """Jitted `(variables, batch) -> summed {'loss', 'error', 'count'}`, plus
+  'top5_error' for more than `TOP5_MIN_CLASSES` classes."""
   mean = jnp.asarray(mean)
 
   def eval_step(variables, batch):
@@ -99,9 +150,12 @@ def make_eval_step(model, mean, dtype=jnp.float32):
     logits = model.apply(variables, images, train=False)
     mask = batch['mask']
     wrong = (jnp.argmax(logits, -1) != batch['label']).astype(jnp.float32)
-    return {'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-            'error': jnp.sum(wrong * mask),
-            'count': jnp.sum(mask)}
+    out = {'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+           'error': jnp.sum(wrong * mask),
+           'count': jnp.sum(mask)}
+    if logits.shape[-1] > TOP5_MIN_CLASSES:
+      out['top5_error'] = jnp.sum(top5_wrong(logits, batch['label']) * mask)
+    return out
   # No weight gradients, hence none of the transposes that make the train
   # step skip XLA's fusion: evaluation keeps XLA's defaults.
   return jax.jit(eval_step)
@@ -112,7 +166,7 @@ class ClassificationTask(base.Task):
   metric = 'error'
   metric_mode = 'min'
   log_keys = ('loss', 'error')
-  eval_keys = ('loss', 'error')
+  eval_keys = ('loss', 'error', 'top5_error')
 
   def __init__(self, config):
     super().__init__(config)
@@ -149,8 +203,11 @@ class ClassificationTask(base.Task):
     return input_pipeline.get_datasets(self.config)
 
   def make_model(self, data):
-    return models.get_model(self.config.model,
-                            **model_kwargs(self.config, data.num_classes))
+    model = models.get_model(self.config.model,
+                             **model_kwargs(self.config, data.num_classes))
+    check_input_shape(model, self.config.model, data.image_shape,
+                      self.config.dataset)
+    return model
 
   def init_variables(self, model, data, rng) -> dict:
     return init_variables(model, data.image_shape, rng)
@@ -164,7 +221,8 @@ class ClassificationTask(base.Task):
         model, data.mean,
         augment=c.augment if data.train is not None else 'none',
         pad=c.get('pad', 4), dtype=self._dtype(),
-        label_smoothing=float(c.get('label_smoothing', 0.0)))
+        label_smoothing=float(c.get('label_smoothing', 0.0)),
+        crop_area=tuple(c.get('crop_area', (0.25, 1.0))))
 
   def evaluate(self, model, variables, data, split, *, final, shard) -> dict:
     """Loss and top-1 error over the whole split (no example dropped)."""
@@ -183,6 +241,6 @@ class ClassificationTask(base.Task):
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     count = float(totals['count'])
-    return {'loss': float(totals['loss']) / count,
-            'error': float(totals['error']) / count,
-            'examples': count}
+    out = {k: float(v) / count for k, v in totals.items() if k != 'count'}
+    out['examples'] = count
+    return out

@@ -76,17 +76,20 @@ def dense_maps(model, params, images, scale: float, window: int, stride: int):
 def dense_predict(model, params, images, *, window: int, stride: int,
                   scales: Sequence[float] = (1.0,), merge: str = 'greedy',
                   merge_threshold: float = 0.5, top_k: int = 30,
-                  batch_size: int = 250):
+                  batch_size: int = 250, guesses: int = 1):
   """Multi-scale dense evaluation: the final class and box per image.
 
   The class is the argmax over classes of the per-scale mean probability
   summed over scales; the box comes from merging the `top_k` most confident
   boxes of that class over all scales and positions, weighted by that
   confidence (greedy merge: the merged box with the largest total
-  confidence; NMS: the most confident box).
+  confidence; NMS: the most confident box). With `guesses` = k > 1 the k
+  classes of highest summed probability each get their own merged box
+  (ILSVRC's top-5).
 
   Returns:
-    (classes (B,), boxes (B, 4) in pixels of `images`).
+    (classes (B,), boxes (B, 4) in pixels of `images`); with guesses > 1,
+    (classes (B, k), boxes (B, k, 4)), best guess first.
   """
   if merge not in MERGES:
     raise ConfigError(f"merge='{merge}' is unknown; use one of "
@@ -105,31 +108,80 @@ def dense_predict(model, params, images, *, window: int, stride: int,
     votes = sum(p.mean(axis=1) for p, _ in per_scale)[:k]
     probs = np.concatenate([p for p, _ in per_scale], axis=1)[:k]
     bxs = np.concatenate([b for _, b in per_scale], axis=1)[:k]
-    cls = np.argmax(votes, axis=-1)
+    cls = np.argsort(-votes, axis=-1, kind='stable')[:, :guesses]
     for i in range(k):
-      conf = probs[i, :, cls[i]]
-      top = np.argsort(-conf, kind='stable')[:top_k]
-      if merge == 'greedy':
-        merged, _ = box_ops.greedy_merge(bxs[i, top], conf[top],
-                                         merge_threshold)
-        out_boxes.append(merged[0])
-      else:
-        out_boxes.append(bxs[i, top[0]])
+      for c in cls[i]:
+        conf = probs[i, :, c]
+        top = np.argsort(-conf, kind='stable')[:top_k]
+        if merge == 'greedy':
+          merged, _ = box_ops.greedy_merge(bxs[i, top], conf[top],
+                                           merge_threshold)
+          out_boxes.append(merged[0])
+        else:
+          out_boxes.append(bxs[i, top[0]])
     classes.append(cls)
-  return np.concatenate(classes), np.asarray(out_boxes, np.float32)
+  classes = np.concatenate(classes)
+  out_boxes = np.asarray(out_boxes, np.float32).reshape(len(classes),
+                                                        guesses, 4)
+  if guesses == 1:
+    return classes[:, 0], out_boxes[:, 0]
+  return classes, out_boxes
+
+
+def localization_error(pred_classes, pred_boxes, true_classes,
+                       true_boxes) -> float:
+  """ILSVRC localization error with k guesses per image.
+
+  A guess is right when its class is the true class AND its box has IoU >=
+  0.5 with the true box; an image counts as right when any of its k
+  guesses is (k = 1: top-1, k = 5: top-5).
+
+  Args:
+    pred_classes: (N,) or (N, k) predicted classes, best first.
+    pred_boxes: (N, 4), one class-agnostic box for every guess, or (N, k, 4)
+      a box per guess; (x, y, w, h).
+    true_classes: (N,).
+    true_boxes: (N, 4).
+  """
+  pred_classes = np.asarray(pred_classes)
+  if pred_classes.ndim == 1:
+    pred_classes = pred_classes[:, None]
+  n, k = pred_classes.shape
+  pred_boxes = np.asarray(pred_boxes, np.float64)
+  if pred_boxes.ndim == 2:
+    pred_boxes = np.broadcast_to(pred_boxes[:, None], (n, k, 4))
+  true_boxes = np.asarray(true_boxes, np.float64)
+  ious = np.asarray(box_ops.iou(
+      pred_boxes.reshape(-1, 4), np.repeat(true_boxes, k, axis=0)))
+  right = (pred_classes == np.asarray(true_classes)[:, None]) & (
+      ious.reshape(n, k) >= 0.5)
+  return float(1.0 - right.any(axis=1).mean())
 
 
 def box_metrics(pred: np.ndarray, true: np.ndarray, prefix: str = '',
                 pred_classes=None, true_classes=None) -> dict:
-  """Mean IoU, the fraction with IoU >= 0.5 and, given classes, the ILSVRC
-  localization error: a prediction is right when its class is right AND
-  its box has IoU >= 0.5 with the true box."""
-  ious = np.asarray(box_ops.iou(np.asarray(pred, np.float64),
-                                np.asarray(true, np.float64)))
+  """Metrics of predicted boxes (x, y, w, h) against the true ones.
+
+  `mean_iou` and `iou50` (the fraction with IoU >= 0.5) of the first guess;
+  `oracle_loc_error` = 1 - iou50 (the box alone, as if the class were
+  right); given classes, the ILSVRC localization error `loc_error` (top-1)
+  and, with 5 guesses ((N, 5) classes, (N, 4) or (N, 5, 4) boxes),
+  `loc_error_top5`: see `localization_error`.
+  """
+  first = np.asarray(pred, np.float64)
+  if first.ndim == 3:
+    first = first[:, 0]
+  ious = np.asarray(box_ops.iou(first, np.asarray(true, np.float64)))
   out = {f'{prefix}mean_iou': float(ious.mean()),
-         f'{prefix}iou50': float((ious >= 0.5).mean())}
+         f'{prefix}iou50': float((ious >= 0.5).mean()),
+         f'{prefix}oracle_loc_error': float((ious < 0.5).mean())}
   if pred_classes is not None:
-    right = (np.asarray(pred_classes) == np.asarray(true_classes)) & (
-        ious >= 0.5)
-    out[f'{prefix}loc_error'] = float(1.0 - right.mean())
+    cls = np.asarray(pred_classes)
+    top1 = cls if cls.ndim == 1 else cls[:, 0]
+    out[f'{prefix}loc_error'] = localization_error(top1, first, true_classes,
+                                                   true)
+    if cls.ndim == 2 and cls.shape[1] >= 5:
+      out[f'{prefix}loc_error_top5'] = localization_error(
+          cls[:, :5], pred if np.ndim(pred) == 2 else np.asarray(pred)[:, :5],
+          true_classes, true)
   return out

@@ -5,7 +5,7 @@ from cnn.tasks.localization import dense
 
 
 def draw(config, model, params, stride: int, test, path: str,
-         scale: float = 1.5, n: int = 6) -> None:
+         scale: float = 1.5, n: int = 6, names=None) -> None:
   """Test canvases with the dense score map of the true class and boxes."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -34,7 +34,9 @@ def draw(config, model, params, stride: int, test, path: str,
     ax.set_ylim(t, 0)
     for (x, y, w, h), color in ((data.boxes[i], 'lime'), (boxes[i], 'red')):
       ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color=color, lw=2))
-    ax.set_title(f'true {data.labels[i]} / pred {classes[i]}', fontsize=8)
+    name = (lambda c: names[c][:18]) if names else str
+    ax.set_title(f'true {name(data.labels[i])}\npred {name(classes[i])}',
+                 fontsize=7)
     ax.axis('off')
   fig.suptitle(f'green: true box, red: dense prediction; heat: p(true class) '
                f'at scale {scale}', fontsize=8)

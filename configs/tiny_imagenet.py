@@ -1,0 +1,97 @@
+r"""Tiny ImageNet classification: 200 ImageNet classes at 64x64.
+
+The argument is `MODEL[,PRESET]`:
+  MODEL   resnet18_64 (ResNet-18, stem one 3x3 conv of stride 1 and no max
+          pool, so stage 4 sees 8x8; 11,271,432 parameters), plain18_64 (its
+          plain twin: the same layers without shortcuts) or vgg_64 (VGG-B's
+          first four stages with BN after every conv, 4x4x512 into two FC
+          layers of 1024; 14,331,528 parameters). Any registry model that
+          takes 64x64 input works.
+  (none)  the full recipe, for a GPU: batch 256, 60 epochs, lr 0.2 (0.1 per
+          128 images, Goyal et al. 2017) with a 2-epoch linear warm-up and a
+          cosine decay, Nesterov momentum, weight decay 5e-4 on kernels only,
+          label smoothing 0.1, random resized crops (25-100 % of the image,
+          aspect 3/4-4/3) and flips made on the device. Not measured here.
+  cpu     the same recipe at a 2-core CPU's budget (about an hour): the nets
+          at a quarter of their width (ResNets: 16-32-64-128 and the 3x3 stem
+          at stride 2, so stage 1 runs at 32x32; VGG: widths x 0.25, FC 256),
+          batch 128 and 12 epochs (4,692 steps).
+  local   a few steps of the cpu preset on a tiny subset (tests).
+
+Data: the prepared `tiny_imagenet` in ../shared/data/tfds (250 training
+images per class, the 10,000 validation images held out as `test`; the
+boxes come along for localization). It sits in memory as uint8 (614 MB), so
+the batch of step s is a function of (seed, s) and a resumed run sees the
+same batches. With the official zip (500 per class) build the same dataset
+with `cnn/data/tiny_imagenet_builder.py` and point data_dir at it.
+
+  python -m experiments.train --config=configs/tiny_imagenet.py:resnet18_64,cpu \
+    --workdir=runs/tin_r18_cpu
+
+Held-out metrics: top-1 `error` and `top5_error` on `test` (the validation
+split); the best checkpoint is the lowest top-1 error.
+"""
+from ml_collections import config_dict
+
+from configs import common
+
+PRESETS = ('', 'cpu', 'local')
+TRAIN_IMAGES = 50_000  # the prepared copy: 250 per class
+
+
+def _narrow(model: str) -> dict:
+  """The cpu preset's quarter-width version of a registry model."""
+  if model.startswith(('resnet', 'plain')):
+    return {'num_filters': 16, 'stem_strides': 2}
+  if model.startswith('vgg'):
+    return {'width_multiplier': 0.25, 'fc_width': 256}
+  return {}
+
+
+def get_config(arg: str = 'resnet18_64,cpu') -> config_dict.ConfigDict:
+  model, _, preset = (arg or 'resnet18_64,cpu').partition(',')
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset '{preset}'; use MODEL, MODEL,cpu or "
+                     'MODEL,local')
+  c = config_dict.ConfigDict()
+  c.task = 'classification'
+  c.model = model or 'resnet18_64'
+  c.model_kwargs = config_dict.ConfigDict(
+      _narrow(c.model) if preset else {})
+  c.num_classes = 0
+  c.dtype = 'float32'
+
+  c.dataset = 'tiny_imagenet'
+  c.data_dir = '../shared/data/tfds'
+  c.train_split = 'train'
+  c.test_split = 'validation'
+  c.val_examples = 0
+  c.in_memory = 'auto'
+  c.augment = 'rrc_flip'
+  c.crop_area = (0.25, 1.0)
+  c.pad = 0
+  c.mean_subtraction = 'per_channel'
+  c.classes = ()
+  c.train_examples_per_class = 0
+  c.eval_batch_size = 500
+  c.label_smoothing = 0.1
+
+  full = not preset
+  batch = 256 if full else 128
+  epoch = -(-TRAIN_IMAGES // batch)  # 391 steps of 128, 196 of 256
+  epochs = 60 if full else 12
+  common.add_training_fields(
+      c, batch_size=batch, num_train_steps=epochs * epoch,
+      learning_rate=0.1 * batch / 128, weight_decay=5e-4,
+      lr_schedule='cosine', warmup='linear', warmup_steps=2 * epoch,
+      warmup_lr=0.01, decay_bn_and_bias=False, plateau_monitor='test',
+      eval_every_steps=epoch, checkpoint_every_steps=epoch,
+      log_every_steps=23)
+  c.nesterov = True
+  if preset == 'local':
+    c.train_split, c.test_split = 'train[:512]', 'validation[:250]'
+    c.num_train_steps, c.warmup_steps = 4, 2
+    c.batch_size, c.eval_batch_size = 16, 250
+    c.eval_every_steps = c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+  return c
