@@ -32,6 +32,22 @@ def requires_shared(name: str):
                             reason=f'no {name} under {SHARED_TFDS}')
 
 
+# Fields of metrics.jsonl that measure time, not the run's math: left out
+# where two runs are compared for equality.
+TIMING_KEYS = ('wall_seconds',)
+
+
+def metric_rows(workdir, timing: bool = False) -> list[dict]:
+  """The rows of a run's metrics.jsonl, without TIMING_KEYS by default."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  if not timing:
+    rows = [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+            for r in rows]
+  return rows
+
+
 def small_config(model='cifar_resnet8', steps=4, **overrides):
   """The CIFAR recipe shrunk to a few steps of a tiny net."""
   from configs import cifar10  # pylint: disable=g-import-not-at-top

@@ -260,7 +260,36 @@ def _saved_window(meta: dict, start: int):
           int(w['start']))
 
 
-def _interrupt(run, state, s: int, window: list, window_start: int, signum):
+class _Clock:
+  """Seconds of this run's training loop, summed over every sitting.
+
+  Saved in each checkpoint's meta (`wall_seconds`) and restored on resume,
+  so time-to-accuracy curves of a run split over several sittings leave
+  out the gaps between them. None when the run was resumed from a
+  checkpoint written before the clock existed (its time is unknown).
+  """
+
+  def __init__(self, meta: dict | None):
+    self._base = 0.0 if meta is None else meta.get('wall_seconds')
+    self._t0 = time.perf_counter()
+
+  def seconds(self) -> float | None:
+    if self._base is None:
+      return None
+    return self._base + time.perf_counter() - self._t0
+
+  def stamp(self, meta: dict) -> dict:
+    """`meta` with the run's seconds so far."""
+    if self._base is not None:
+      meta['wall_seconds'] = self.seconds()
+    return meta
+
+  def fields(self) -> dict:
+    return {} if self._base is None else {'wall_seconds': self.seconds()}
+
+
+def _interrupt(run, state, s: int, window: list, window_start: int, signum,
+               clock: _Clock):
   """Saves step `s` (with the steps since the last log point, so the
   resumed run logs the same averages) and stops with one line."""
   ckpt = run.checkpointer
@@ -268,7 +297,7 @@ def _interrupt(run, state, s: int, window: list, window_start: int, signum):
     if window:
       _check_finite(window, window_start, ckpt)
     _check_finite_params(state, s, ckpt)
-    meta = run.meta(state)
+    meta = clock.stamp(run.meta(state))
     meta['window'] = {'start': window_start, 'metrics': [
         {k: float(v) for k, v in m.items()} for m in jax.device_get(window)]}
     ckpt.save(s, state, meta)
@@ -343,6 +372,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   saved = run_folder.read_config(workdir)
   start, window, window_start = 0, [], 0
   latest = run.checkpointer.latest_step()
+  saved_meta = None
   if latest is not None:
     if saved is not None:
       # Before anything is written: a resumed run is the run on disk.
@@ -351,8 +381,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     # Restored straight into the abstract state: no init to compile.
     state = run.restore(run.abstract_state(), 'latest')
     start = int(state.step)
-    window, window_start = _saved_window(run.checkpointer.read_meta(start),
-                                         start)
+    saved_meta = run.checkpointer.read_meta(start)
+    window, window_start = _saved_window(saved_meta, start)
     print(f'resuming from step {start} in {workdir}', flush=True)
   else:
     state = run.init_state()
@@ -382,12 +412,14 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       next_batch = lambda _: next(stream)
       epoch_of = lambda _: 0.0
 
+  clock = _Clock(saved_meta)
+
   def evaluate_all(s: int, final: bool) -> dict:
     t_eval = time.perf_counter()
     results = {}
     for split in run.data.evals:
       results[split] = run.evaluate(state, split, final=final)
-      writer.write(s, split, **_logged(results[split]))
+      writer.write(s, split, **_logged(results[split]), **clock.fields())
     _print_eval(task, results, time.perf_counter() - t_eval)
     return results
 
@@ -402,7 +434,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       # An evaluation-only run (e.g. localization's `both` stage).
       last_eval = evaluate_all(0, final=True)
       if run.checkpointer.latest_step() is None:
-        run.checkpointer.save(0, state, run.meta(state))
+        run.checkpointer.save(0, state, clock.stamp(run.meta(state)))
     for step in range(start, total):
       state, metrics = run.train_step(state, batch)
       window.append(metrics)
@@ -427,7 +459,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         means = {k: float(np.mean([m[k] for m in host])) for k in keys}
         lr = float(host[-1]['learning_rate'])
         writer.write(s, 'train', learning_rate=lr, epoch=epoch_of(s),
-                     **means)
+                     **means, **clock.fields())
         progress.log(s, **{k: means[k] for k in task.log_keys}, lr=lr)
         window, window_start = [], s
       if is_eval:
@@ -444,10 +476,11 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         _check_finite_params(state, s, run.checkpointer)
         metric = (last_eval[run.monitor][task.metric]
                   if is_eval and run.monitor else None)
-        run.checkpointer.save(s, state, run.meta(state), metric=metric)
+        run.checkpointer.save(s, state, clock.stamp(run.meta(state)),
+                              metric=metric)
       writer.flush()
       if stop.signal is not None and s < total:
-        _interrupt(run, state, s, window, window_start, stop.signal)
+        _interrupt(run, state, s, window, window_start, stop.signal, clock)
   finally:
     stop.__exit__()
     run.checkpointer.close()

@@ -14,7 +14,7 @@ from cnn.training import loop
 from cnn.training import optim
 from cnn.training import step as step_lib
 from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
-from tests.conftest import (ROOT, SHARED_TFDS, classifier_step,
+from tests.conftest import (ROOT, SHARED_TFDS, classifier_step, metric_rows,
                             requires_cifar10_jpeg, small_config)
 
 
@@ -24,8 +24,7 @@ def run(config, workdir, num_examples=24):
 
 
 def records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return metric_rows(workdir)
 
 
 def test_end_to_end_writes_logs_checkpoints_and_resumes_exactly(tmp_path):
@@ -44,9 +43,17 @@ def test_end_to_end_writes_logs_checkpoints_and_resumes_exactly(tmp_path):
 
   # k steps, stop, resume to 2k == 2k straight, bit for bit.
   run(small_config(steps=2, val_examples=8), parts)
+  before = metric_rows(parts, timing=True)
   resumed = run(c, parts)
   assert records(parts) == recs
   assert resumed == final
+  # The run's clock continues across the two sittings: the resumed rows go
+  # on from where the first sitting stopped, every row carries it.
+  timed = metric_rows(parts, timing=True)
+  seconds = [r['wall_seconds'] for r in timed]
+  assert len(seconds) == len(timed) and seconds[0] > 0
+  assert seconds == sorted(seconds)
+  assert timed[len(before)]['wall_seconds'] >= before[-1]['wall_seconds']
 
 
 def test_loss_falls_on_a_fixed_batch():

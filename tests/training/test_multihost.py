@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 
 from cnn.training import checkpointing, transfer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, metric_rows
 
 _SCRIPT = textwrap.dedent('''
     import json, sys
@@ -77,8 +77,7 @@ def test_two_processes_train_the_steps_of_one_process_with_two_devices(
     assert abs(r['final'] - reference['final']) < 1e-5
     assert abs(r['restored'] - reference['final']) < 1e-5
   # Process 0 wrote the records, once: the same lines as the one process.
-  assert ((multi / 'metrics.jsonl').read_text().splitlines() ==
-          (single / 'metrics.jsonl').read_text().splitlines())
+  assert metric_rows(multi) == metric_rows(single)
   (steps_m, saved_m), (steps_s, saved_s) = _saved(multi), _saved(single)
   assert steps_m == steps_s == [2]
   for part in ('params', 'batch_stats'):

@@ -15,7 +15,7 @@ from cnn.training import optim
 from cnn.training import loop
 from cnn.training import transfer
 from cnn.errors import CheckpointError, ConfigError
-from tests.conftest import classifier_step, small_config
+from tests.conftest import classifier_step, metric_rows, small_config
 
 NEW = (5, 6, 7, 8, 9)
 
@@ -38,8 +38,7 @@ def saved(workdir, step=None):
 
 
 def records(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return metric_rows(workdir)
 
 
 @pytest.fixture(scope='module')
