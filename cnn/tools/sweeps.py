@@ -266,6 +266,15 @@ def summary_row(directory: str, name: str, total_steps: int,
   return row
 
 
+def mean_std(values, digits: int = 1) -> str:
+  """'m +- s' (sample std) of several values, 'm' of one."""
+  values = [float(v) for v in values]
+  m = f'{statistics.mean(values):.{digits}f}'
+  if len(values) < 2:
+    return m
+  return f'{m} +- {statistics.stdev(values):.{digits}f}'
+
+
 def format_table(rows: list[dict]) -> str:
   """A Markdown table of summary rows (errors in %, other metrics as is)."""
   metric = rows[0]['metric'] if rows else 'error'

@@ -234,3 +234,9 @@ def test_the_table_ends_with_mean_and_std_over_members():
   assert [n for n, _ in mnist.sweep('lenet5')] == [
       'lenet5_s0', 'lenet5_s1', 'lenet5_s2']
   assert mnist.get_config('lenet5,seeds=2').model == 'lenet5'
+
+
+def test_mean_std_uses_the_sample_std():
+  assert sweeps.mean_std([1.0]) == '1.0'
+  assert sweeps.mean_std([1.0, 3.0]) == '2.0 +- 1.4'  # stdev = sqrt(2)
+  assert sweeps.mean_std([10, 10, 10], digits=2) == '10.00 +- 0.00'

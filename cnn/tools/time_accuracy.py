@@ -1,0 +1,153 @@
+"""Test error against wall-clock time and epochs for one run (issue 17).
+
+The time of an evaluation is the run's own clock: `wall_seconds` in
+metrics.jsonl (the training loop's seconds summed over sittings, see
+`cnn.training.loop`). Runs whose rows lack it (written before the clock
+existed) are timed from their TensorBoard events instead: every sitting
+writes its own event file, so the time inside a sitting is the events'
+wall_time since its first event, and the gap between two sittings (the
+machine idle, the run stopped) is left out; the first log interval of each
+sitting, which has no earlier event to measure from, is taken as that
+sitting's median seconds per step times its steps. The docstring of the
+figure says which clock was used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import numpy as np
+
+from cnn.errors import ConfigError
+from cnn.training import metric_writers
+
+
+@dataclasses.dataclass
+class Point:
+  step: int
+  epoch: float
+  minutes: float
+  error: float  # test error in [0, 1]
+
+
+def _epochs(rows: list[dict]) -> dict[int, float]:
+  return {r['step']: r['epoch'] for r in rows
+          if r['split'] == 'train' and 'epoch' in r}
+
+
+def _epoch_at(step: int, epochs: dict[int, float]) -> float:
+  steps = sorted(epochs)
+  if not steps:
+    return float('nan')
+  per_step = epochs[steps[-1]] / steps[-1]
+  return epochs.get(step, step * per_step)
+
+
+def _tensorboard_seconds(workdir: str) -> dict[int, float]:
+  """Step -> seconds of training, from the event files (one per sitting)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  files = sorted(glob.glob(os.path.join(workdir, 'tensorboard',
+                                        'events.out.tfevents.*')))
+  sittings = []
+  for path in files:
+    stamps = {}
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      if event.step and event.summary.value:
+        stamps.setdefault(int(event.step), event.wall_time)
+    if stamps:
+      sittings.append(sorted(stamps.items()))
+  sittings.sort(key=lambda s: s[0][0])
+  seconds, offset, last_step = {}, 0.0, 0
+  for stamps in sittings:
+    steps = np.array([s for s, _ in stamps], float)
+    times = np.array([t for _, t in stamps])
+    if len(stamps) > 1:
+      per_step = float(np.median(np.diff(times) / np.maximum(np.diff(steps),
+                                                              1)))
+    else:
+      per_step = 0.0
+    first = offset + (steps[0] - last_step) * per_step
+    for s, t in stamps:
+      seconds[s] = first + (t - times[0])
+    offset, last_step = seconds[stamps[-1][0]], int(steps[-1])
+  return seconds
+
+
+def points(workdir: str, split: str = 'test') -> tuple[list[Point], str]:
+  """The run's evaluations on `split` as Points, and the clock used.
+
+  Raises:
+    ConfigError: no evaluation of `split` in the run folder.
+  """
+  rows = metric_writers.read_metrics(workdir)
+  evals = [r for r in rows if r['split'] == split and 'error' in r]
+  if not evals:
+    raise ConfigError(f'{workdir} has no {split} evaluation in '
+                      'metrics.jsonl: pass a classification run folder')
+  epochs = _epochs(rows)
+  if all('wall_seconds' in r for r in evals):
+    clock = 'the run clock (wall_seconds in metrics.jsonl)'
+    secs = {r['step']: r['wall_seconds'] for r in evals}
+  else:
+    clock = ('TensorBoard event times, gaps between sittings left out')
+    secs = _tensorboard_seconds(workdir)
+    missing = [r['step'] for r in evals if r['step'] not in secs]
+    if missing:
+      raise ConfigError(f'{workdir}: no time for the evaluations at steps '
+                        f'{missing[:5]} (no wall_seconds and no TensorBoard '
+                        'event): rerun with tensorboard on')
+  out = [Point(r['step'], _epoch_at(r['step'], epochs), secs[r['step']] / 60,
+               r['error']) for r in evals]
+  return out, clock
+
+
+def table(pts: list[Point]) -> str:
+  lines = ['| epoch | step | wall-clock min | test error % |',
+           '|---|---|---|---|']
+  for p in pts:
+    lines.append(f'| {p.epoch:.1f} | {p.step} | {p.minutes:.1f} | '
+                 f'{100 * p.error:.2f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
+           marks: tuple = ()):
+  """Test error (%) against minutes (left) and epochs (right).
+
+  Args:
+    pts: the run's evaluations.
+    title: figure title.
+    paper: the paper's test error (%), drawn as a dashed line.
+    marks: extra reference points (label, minutes, epochs, error %), e.g.
+      the 1.5-epoch study.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  err = [100 * p.error for p in pts]
+  for ax, xs, xlabel, k in ((axes[0], [p.minutes for p in pts],
+                             'wall-clock minutes', 1),
+                            (axes[1], [p.epoch for p in pts], 'epochs', 2)):
+    ax.plot(xs, err, 'o-', ms=3, lw=1.5, label='this run (test error)')
+    if paper is not None:
+      ax.axhline(paper, ls='--', color='k', lw=1,
+                 label=f'He et al. 2015: {paper} %')
+      ax.axhline(paper + 1.5, ls=':', color='grey', lw=1,
+                 label=f'goal: {paper + 1.5:.2f} %')
+    for label, minutes, epochs, e in marks:
+      ax.plot([minutes if k == 1 else epochs], [e], 's', color='C3', ms=7,
+              label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_yscale('log')
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([5, 8, 10, 15, 20, 30, 50, 70])
+    ax.set_yticklabels(['5', '8', '10', '15', '20', '30', '50', '70'])
+    ax.grid(True, which='both', alpha=0.3)
+  axes[0].set_ylabel('test error % (log scale)')
+  axes[1].legend(fontsize=8, loc='upper right')
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig

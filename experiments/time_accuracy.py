@@ -1,0 +1,80 @@
+r"""Test error against wall-clock minutes and epochs for one run.
+
+  python -m experiments.time_accuracy --workdir=runs/r20_fast \
+    [--out=DIR] [--paper=8.75] [--mark='1.5-epoch study,6.6,1.54,40.56']
+
+Writes DIR/time_accuracy.png (error against minutes, left, and epochs,
+right; log scale, the paper's figure dashed, the goal of paper + 1.5 dotted,
+each --mark a square) and DIR/time_accuracy.md (the table, also printed);
+DIR defaults to the workdir. The minutes are the run's own clock, with the
+gaps between sittings left out (`cnn.tools.time_accuracy`). Works on a run
+still training: it draws what has been evaluated.
+"""
+import os
+
+from absl import app
+from absl import flags
+
+from experiments import common
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A classification run folder.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (default: --workdir).')
+_PAPER = flags.DEFINE_float('paper', 8.75, "The paper's test error in %; "
+                            'negative: none.')
+_MARKS = flags.DEFINE_multi_string('mark', [], "Reference points: 'label,"
+                                   "minutes,epochs,error %'.")
+_SPLIT = flags.DEFINE_string('split', 'test', 'Held-out split to draw.')
+_DPI = flags.DEFINE_integer('dpi', 90, 'Resolution of the PNG.')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _marks(specs):
+  from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  marks = []
+  for spec in specs:
+    parts = spec.rsplit(',', 3)
+    try:
+      marks.append((parts[0], *map(float, parts[1:])))
+    except (ValueError, TypeError, IndexError):
+      raise ConfigError(f"--mark='{spec}' must be 'label,minutes,epochs,"
+                        "error %', e.g. '1.5-epoch study,6.6,1.54,40.56'"
+                        ) from None
+    if len(parts) != 4:
+      raise ConfigError(f"--mark='{spec}' needs 4 comma-separated fields")
+  return tuple(marks)
+
+
+def _draw():
+  from cnn.tools import plotting  # pylint: disable=g-import-not-at-top
+  from cnn.tools import time_accuracy  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  marks = _marks(_MARKS.value)
+  workdir = _WORKDIR.value
+  pts, clock = time_accuracy.points(workdir, _SPLIT.value)
+  config = loop.load_config(workdir)
+  out = _OUT.value or workdir
+  os.makedirs(out, exist_ok=True)
+  table = time_accuracy.table(pts)
+  with open(os.path.join(out, 'time_accuracy.md'), 'w') as f:
+    f.write(table + f'\nClock: {clock}.\n')
+  last = pts[-1]
+  title = (f'{config.model} on {config.dataset}: {100 * last.error:.2f} % '
+           f'{_SPLIT.value} error after {last.epoch:.1f} epochs, '
+           f'{last.minutes:.0f} min (clock: {clock})')
+  fig = time_accuracy.figure(pts, title=title,
+                             paper=_PAPER.value if _PAPER.value >= 0 else None,
+                             marks=marks)
+  path = plotting.save(fig, os.path.join(out, 'time_accuracy.png'),
+                       dpi=_DPI.value)
+  print(table, end='')
+  print(f'clock: {clock}\nwrote {path}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  common.run(_draw)
+
+
+if __name__ == '__main__':
+  app.run(main)
