@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from cnn.data import input_pipeline
 from cnn.errors import ConfigError, UserError
 from cnn.training import loop, metric_writers, run_folder
-from tests.conftest import ROOT, small_config
+from tests.conftest import ROOT, metric_rows, small_config
 
 
 def train(config, workdir, num_examples=24):
@@ -149,7 +149,7 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_is_exact(tmp_path,
   assert sorted(os.listdir(parts / 'checkpoints')) == ['3']
   monkeypatch.setattr(input_pipeline.TrainBatches, 'indices', indices)
   train(c, parts)
-  assert lines(parts) == lines(straight)
+  assert metric_rows(parts) == metric_rows(straight)
 
 
 def test_disk_full_is_one_line_and_keeps_the_checkpoints(tmp_path,
