@@ -11,6 +11,17 @@ For a fair comparison the baselines are sized like selective search:
 sliding windows use sides spanning the objects' size range (4 sides, 3
 aspect ratios, half-window stride), and each image gets as many random boxes
 as selective search (fast) proposed for it.
+
+On real photographs (any TFDS dataset with objects/bbox, e.g. coco128):
+
+  python -m experiments.proposals --dataset=coco128 --split=validation \
+    [--shorter_side=480] [--num_images=128] [--processes=2]
+
+reads the photos with `cnn.data.objects` (shorter side resized to
+--shorter_side, boxes scaled) and reports recall at IoU 0.5 and 0.7 of the
+first 100 / 300 / 1000 / all proposals per method, with time per image
+(selective search one image at a time per process). Sliding windows there
+use 6 sides from 16 px to the shorter side (geometric) x 3 ratios.
 """
 from absl import app
 from absl import flags
@@ -27,6 +38,14 @@ _CANVAS = flags.DEFINE_integer('canvas', 128, 'Canvas side in pixels.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the canvases.')
 _PROCESSES = flags.DEFINE_integer('processes', 2,
                                   'Worker processes for selective search.')
+_DATASET = flags.DEFINE_string('dataset', None, 'A TFDS detection dataset '
+                               'of real photographs (objects/bbox), e.g. '
+                               'coco128; default: synthetic canvases.')
+_SHORTER = flags.DEFINE_integer('shorter_side', 480, 'Photos are resized to '
+                                'this shorter side (with --dataset).')
+_REAL_TOP = (100, 300, 1000, 'all')
+_METHODS = ('selective_search_fast', 'selective_search_quality', 'sliding',
+            'random')
 
 _TOP = (10, 50, 100, 300, 'all')
 
@@ -58,6 +77,63 @@ def measure(images, boxes, valid, sizes, processes: int, seed: int) -> list:
   return rows
 
 
+def measure_photos(data, processes: int, seed: int):
+  """Rows (method, mean count, ms per image, {iou: recalls}) on photos of
+  different sizes: each photo is its own batch of one."""
+  import time  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import proposals  # pylint: disable=g-import-not-at-top
+  n = len(data.images)
+  keep = [i for i in range(n) if len(data.boxes[i])]
+  rows, fast_counts = [], None
+  for method in _METHODS:
+    start = time.perf_counter()
+    lists = []
+    if method.startswith('selective_search') and processes > 1:
+      import multiprocessing  # pylint: disable=g-import-not-at-top
+      mode = method[len('selective_search_'):]
+      with multiprocessing.get_context('spawn').Pool(processes) as pool:
+        lists = pool.map(proposals._ss_one,  # pylint: disable=protected-access
+                         [(img, mode) for img in data.images], chunksize=1)
+    else:
+      for i, img in enumerate(data.images):
+        h, w = img.shape[:2]
+        num = int(fast_counts[i]) if method == 'random' else None
+        sizes = tuple(np.geomspace(16, min(h, w), 6))
+        b, c = proposals.compute(img[None], method, num, seed=seed + i,
+                                 processes=1, sizes=sizes)
+        lists.append(b[0, :c[0]])
+    seconds = time.perf_counter() - start
+    counts = np.array([len(b) for b in lists])
+    if method == 'selective_search_fast':
+      fast_counts = np.maximum(counts, 1)
+    width = max(int(counts.max()), 1)
+    props = np.zeros((n, width, 4), np.float32)
+    for i, b in enumerate(lists):
+      props[i, :len(b)] = b
+    m = max(len(data.boxes[i]) for i in keep)
+    gt = np.zeros((n, m, 4), np.float32)
+    valid = np.zeros((n, m), bool)
+    for i in keep:
+      gt[i, :len(data.boxes[i])] = data.boxes[i]
+      valid[i, :len(data.boxes[i])] = True
+    rec = {iou: proposals.recall(props, counts, gt, valid, iou, _REAL_TOP)
+           for iou in (0.5, 0.7)}
+    rows.append((method, float(counts.mean()), 1000 * seconds / n, rec))
+  return rows
+
+
+def photo_table(rows) -> str:
+  head = ' | '.join(f'R{iou}@{k}' for iou in (0.5, 0.7) for k in _REAL_TOP)
+  lines = [f'| method | proposals/image (mean) | time/image (ms) | {head} |',
+           '|---' * (3 + 2 * len(_REAL_TOP)) + '|']
+  for method, count, ms, rec in rows:
+    cells = ' | '.join(f'{rec[iou][k]:.3f}' for iou in (0.5, 0.7)
+                       for k in _REAL_TOP)
+    lines.append(f'| {method} | {count:.1f} | {ms:.1f} | {cells} |')
+  return '\n'.join(lines)
+
+
 def table(rows) -> str:
   head = ' | '.join(f'R@{k}' for k in _TOP)
   lines = [f'| method | proposals/image (mean) | time/image (ms) | {head} |',
@@ -72,7 +148,24 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
 
+  def photos():
+    from cnn.data import objects  # pylint: disable=g-import-not-at-top
+    split = _SPLIT.value if _SPLIT.value != 'test' or _DATASET.value != (
+        'coco128') else 'validation'
+    data = objects.load_objects(_DATASET.value, split, _DATA_DIR.value,
+                                shorter_side=_SHORTER.value,
+                                limit=_NUM_IMAGES.value)
+    rows = measure_photos(data, _PROCESSES.value, _SEED.value)
+    print(photo_table(rows))
+    print(f'{len(data.images)} photos of {_DATASET.value}/{split}, shorter '
+          f'side {_SHORTER.value} px ({data.num_boxes} boxes); recall at IoU '
+          f'0.5 / 0.7; selective search wall time with {_PROCESSES.value} '
+          'processes (pool start included); random: as many boxes as '
+          'selective search fast per image')
+
   def run():
+    if _DATASET.value:
+      return photos()
     import numpy as np  # pylint: disable=g-import-not-at-top
     from cnn.data import synthetic_detection  # pylint: disable=g-import-not-at-top
     from cnn.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,7 @@ from cnn.data import input_pipeline
 from cnn.tasks.detection import proposals
 from cnn.data import synthetic_detection as sd
 from cnn.errors import ConfigError, DataError
-from tests.conftest import SHARED_TFDS, requires_cifar10_jpeg
+from tests.conftest import ROOT, SHARED_TFDS, requires_cifar10_jpeg, requires_shared
 
 
 def rectangle_image(h=96, w=128, box=(70, 20, 40, 50)):
@@ -240,3 +240,27 @@ def test_integration_real_cifar10_jpeg_canvases_and_selective_search():
   assert (counts > 10).all()
   rec = proposals.recall(boxes, counts, data.boxes, data.valid)
   assert rec['all'] > 0.5 and rec['all'] >= rec[10]
+
+
+@requires_shared('coco128')
+def test_proposal_recall_on_real_photographs():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.proposals', '--dataset=coco128',
+       f'--data_dir={SHARED_TFDS}', '--num_images=2', '--shorter_side=128',
+       '--processes=1'], cwd=str(ROOT), capture_output=True, text=True,
+      check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = [l.split('|')[1:-1] for l in out.stdout.splitlines()
+          if l.startswith('| ') and not l.startswith('| method')]
+  assert [r[0].strip() for r in rows] == [
+      'selective_search_fast', 'selective_search_quality', 'sliding',
+      'random']
+  for r in rows:
+    recalls = [float(x) for x in r[3:]]
+    assert len(recalls) == 8 and all(0 <= x <= 1 for x in recalls)
+    at5, at7 = recalls[:4], recalls[4:]
+    assert at5 == sorted(at5) and at7 == sorted(at7)  # more boxes, more recall
+    assert all(a >= b for a, b in zip(at5, at7))  # 0.7 is stricter
+  assert '2 photos of coco128/validation, shorter side 128' in out.stdout
