@@ -1,7 +1,8 @@
 r"""Test error against wall-clock minutes and epochs for one run.
 
   python -m experiments.time_accuracy --workdir=runs/r20_fast \
-    [--out=DIR] [--paper=8.75] [--mark='1.5-epoch study,6.6,1.54,40.56']
+    [--out=DIR] [--paper=8.75] [--paper_label='He et al. 2015'] [--goal=1.5] \
+    [--mark='1.5-epoch study,6.6,1.54,40.56']
 
 Writes DIR/time_accuracy.png (error against minutes, left, and epochs,
 right; log scale, the paper's figure dashed, the goal of paper + 1.5 dotted,
@@ -21,6 +22,10 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'A classification run folder.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (default: --workdir).')
 _PAPER = flags.DEFINE_float('paper', 8.75, "The paper's test error in %; "
                             'negative: none.')
+_PAPER_LABEL = flags.DEFINE_string('paper_label', 'He et al. 2015',
+                                   "Whose figure --paper is.")
+_GOAL = flags.DEFINE_float('goal', 1.5, 'Goal line this many points above '
+                           '--paper; negative: none.')
 _MARKS = flags.DEFINE_multi_string('mark', [], "Reference points: 'label,"
                                    "minutes,epochs,error %'.")
 _SPLIT = flags.DEFINE_string('split', 'test', 'Held-out split to draw.')
@@ -60,10 +65,11 @@ def _draw():
   last = pts[-1]
   title = (f'{config.model} on {config.dataset}: {100 * last.error:.2f} % '
            f'{_SPLIT.value} error after {last.epoch:.1f} epochs, '
-           f'{last.minutes:.0f} min (clock: {clock})')
-  fig = time_accuracy.figure(pts, title=title,
-                             paper=_PAPER.value if _PAPER.value >= 0 else None,
-                             marks=marks)
+           f'{last.minutes:.3g} min (clock: {clock})')
+  fig = time_accuracy.figure(
+      pts, title=title, paper=_PAPER.value if _PAPER.value >= 0 else None,
+      paper_label=_PAPER_LABEL.value,
+      goal=_GOAL.value if _GOAL.value >= 0 else None, marks=marks)
   path = plotting.save(fig, os.path.join(out, 'time_accuracy.png'),
                        dpi=_DPI.value)
   print(table, end='')

@@ -152,9 +152,16 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
   cmap = plt.get_cmap('tab10')
   colours = {key: cmap(i % 10) for i, key in enumerate(keys)}
   colour = lambda d, stem: colours[d if by_depth else (d, stem)]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  # Plain nets left, ResNets right; a sweep of other nets (LeNet-5 seeds)
+  # gets one panel per kind instead of two empty ones.
+  kinds = ('plain', 'resnet')
+  if not any(k in kinds for (k, _, _) in groups):
+    kinds = tuple(sorted({k for (k, _, _) in groups}))
+  fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4),
+                           sharey=True, squeeze=False)
+  axes = axes[0]
   lo, hi = math.inf, -math.inf
-  for ax, kind in zip(axes, ('plain', 'resnet')):
+  for ax, kind in zip(axes, kinds):
     for (k, depth, stem), members in sorted(groups.items()):
       if k != kind:
         continue
@@ -170,8 +177,7 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
         ax.plot(x, y, '-', color=colour(depth, stem), linewidth=2.5,
                 label=label + seeds)
         lo, hi = min(lo, y.min()), max(hi, y.max())
-    ax.set_title(f'{KIND_TITLES[kind]} nets' if kind == 'plain'
-                 else 'ResNets')
+    ax.set_title({'plain': 'plain nets', 'resnet': 'ResNets'}.get(kind, kind))
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
     # Style key first, then one entry per depth, as in the paper.
@@ -181,7 +187,8 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
     ax.legend(style + handles, ['training error', 'test error'] + labels,
               loc='best', fontsize=8)
   axes[0].set_ylabel('error (%)')
-  axes[1].tick_params(labelleft=True)
+  for ax in axes[1:]:
+    ax.tick_params(labelleft=True)
   if math.isfinite(lo):
     pad = 0.05 * max(hi - lo, 1.0)
     axes[0].set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))

@@ -113,6 +113,7 @@ def table(pts: list[Point]) -> str:
 
 
 def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
+           paper_label: str = 'He et al. 2015', goal: float | None = 1.5,
            marks: tuple = ()):
   """Test error (%) against minutes (left) and epochs (right).
 
@@ -120,6 +121,8 @@ def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
     pts: the run's evaluations.
     title: figure title.
     paper: the paper's test error (%), drawn as a dashed line.
+    paper_label: whose figure that is.
+    goal: points above `paper` drawn dotted as the goal (None: no line).
     marks: extra reference points (label, minutes, epochs, error %), e.g.
       the 1.5-epoch study.
   """
@@ -128,23 +131,30 @@ def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
   err = [100 * p.error for p in pts]
+  shown = err + [m[3] for m in marks] + (
+      [paper] + ([paper + goal] if goal is not None else [])
+      if paper is not None else [])
+  lo, hi = min(shown) / 1.3, max(shown) * 1.3
+  ticks = [t for t in (0.3, 0.5, 0.8, 1, 1.5, 2, 3, 5, 8, 10, 15, 20, 30, 50,
+                       70, 100) if lo <= t <= hi]
   for ax, xs, xlabel, k in ((axes[0], [p.minutes for p in pts],
                              'wall-clock minutes', 1),
                             (axes[1], [p.epoch for p in pts], 'epochs', 2)):
     ax.plot(xs, err, 'o-', ms=3, lw=1.5, label='this run (test error)')
     if paper is not None:
       ax.axhline(paper, ls='--', color='k', lw=1,
-                 label=f'He et al. 2015: {paper} %')
-      ax.axhline(paper + 1.5, ls=':', color='grey', lw=1,
-                 label=f'goal: {paper + 1.5:.2f} %')
+                 label=f'{paper_label}: {paper:g} %')
+      if goal is not None:
+        ax.axhline(paper + goal, ls=':', color='grey', lw=1,
+                   label=f'goal: {paper + goal:g} %')
     for label, minutes, epochs, e in marks:
       ax.plot([minutes if k == 1 else epochs], [e], 's', color='C3', ms=7,
               label=label)
     ax.set_xlabel(xlabel)
     ax.set_yscale('log')
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_yticks([5, 8, 10, 15, 20, 30, 50, 70])
-    ax.set_yticklabels(['5', '8', '10', '15', '20', '30', '50', '70'])
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f'{t:g}' for t in ticks])
     ax.grid(True, which='both', alpha=0.3)
   axes[0].set_ylabel('test error % (log scale)')
   axes[1].legend(fontsize=8, loc='upper right')

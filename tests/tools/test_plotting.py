@@ -59,6 +59,17 @@ def png_size(path):
   return struct.unpack('>II', head[16:24])
 
 
+def test_a_sweep_of_other_nets_gets_one_panel_not_two_empty_ones(tmp_path):
+  for seed in (0, 1):
+    write_run(tmp_path, f'lenet5_s{seed}', 'lenet5', seed, (0.1, 0.02),
+              (0.12, 0.03 + 0.01 * seed))
+  fig = plotting.figure6(plotting.load_runs(str(tmp_path)))
+  assert len(fig.axes) == 1 and fig.axes[0].get_title() == 'lenet5'
+  lines = fig.axes[0].get_lines()
+  assert len(lines) == 2  # training (dashed) and test, seed-averaged
+  np.testing.assert_allclose(lines[1].get_ydata(), [12.0, 3.5])
+
+
 def test_figure6_has_the_papers_layout(sweep_dir):
   runs = plotting.load_runs(str(sweep_dir))
   assert [r.name for r in runs] == ['plain20_s0', 'plain56_s0',
