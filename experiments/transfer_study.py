@@ -69,6 +69,11 @@ MODES = {
 }
 
 
+_HEADER = ('| train images per class | ' +
+           ' | '.join(title for title, _ in MODES.values()) + ' |',
+           '|---|' + '---|' * len(MODES))
+
+
 def base_config(steps: int, quick: bool):
   from configs import cifar10  # pylint: disable=g-import-not-at-top
   c = cifar10.get_config(_MODEL.value)
@@ -138,9 +143,7 @@ def study(root: str, quick: bool) -> str:
       '20 %) and wall time of the whole run (data, compilation, training, '
       'evaluation):',
       '',
-      '| train images per class | ' +
-      ' | '.join(title for title, _ in MODES.values()) + ' |',
-      '|---|' + '---|' * len(MODES)]
+      *_HEADER]
   for n in SIZES:
     cells = [f'{100 * results[n, m]["accuracy"]:.1f} % '
              f'({results[n, m]["wall_s"]:.0f} s)' for m in MODES]
@@ -208,9 +211,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
       '+- std over seeds, and the mean wall time of a cell (data, '
       'compilation, training, evaluation):',
       '',
-      '| train images per class | ' +
-      ' | '.join(title for title, _ in MODES.values()) + ' |',
-      '|---|' + '---|' * len(MODES)]
+      *_HEADER]
   for n in sizes:
     cells = []
     for m in MODES:
