@@ -88,7 +88,7 @@ def base_config(steps: int, quick: bool):
   c.keep_checkpoints = 1
   c.tensorboard = False
   if quick:  # the first images only: enough for 100 per class of 5
-    c.train_split, c.test_split = 'train[:5000]', 'test[:1000]'
+    c.train_split, c.test_split = 'train[:5000]', 'test[:500]'
   return c
 
 
@@ -178,7 +178,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
                       'first')
   size = int(src.get('image_size') or 0) or models.default_input_shape(
       src['model'])[0]
-  steps = 10 if quick else _STEPS.value
+  steps = 4 if quick else _STEPS.value
   sizes = tuple(int(n) for n in _SIZES.value)
   results = {}
   for n in sizes:
@@ -207,7 +207,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
       f'CIFAR-10, all ten classes, images upsampled to {size}x{size}; '
       f'{steps} steps of batch {_BATCH.value} per cell (cosine lr), '
       f'{seeds} seed(s) each; test error on the '
-      f'{"1,000" if quick else "10,000"} test images (chance 90 %), mean '
+      f'{"500" if quick else "10,000"} test images (chance 90 %), mean '
       '+- std over seeds, and the mean wall time of a cell (data, '
       'compilation, training, evaluation):',
       '',
