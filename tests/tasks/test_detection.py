@@ -22,7 +22,8 @@ from cnn.training import metric_writers
 from cnn.errors import ConfigError, DataError
 from cnn.ops import boxes as box_ops
 from configs import detection as det_configs
-from tests.conftest import SHARED_TFDS, TIMING_KEYS, requires_cifar10_jpeg
+from tests.conftest import (SHARED_TFDS, TIMING_KEYS, requires_cifar10_jpeg,
+                            requires_shared)
 
 
 def tiny_config(kind, **overrides):
@@ -334,3 +335,32 @@ def test_detector_starts_from_a_pretrained_det_trunk_classifier(tmp_path):
   with pytest.raises(CheckpointError, match="'cifar_resnet8' checkpoint"):
     det_task.load_pretrained(pretrain('resnet', 'cifar_resnet8'),
                              fresh['params'], fresh['batch_stats'])
+
+
+@requires_shared('raccoon')
+def test_faster_rcnn_on_real_raccoon_photographs(tmp_path):
+  c = det_configs.get_config('faster_rcnn,raccoon,local')
+  c.data_dir = str(SHARED_TFDS)
+  # The letterboxes: longer side 256, boxes scaled with the photo and
+  # inside it, black beyond it.
+  data = det_task.photos(c, 'train', 4)
+  assert data.images.shape[1:] == (256, 256, 3)
+  assert data.num_objects.min() >= 1 and set(
+      data.classes[data.valid].tolist()) == {0}
+  x, y, w, h = (data.boxes[data.valid][:, k] for k in range(4))
+  assert x.min() >= 0 and y.min() >= 0 and (x + w).max() <= 256.01
+  assert (y + h).max() <= 256.01 and w.min() > 0 and h.min() > 0
+  for img in data.images:  # one side filled, the rest padded black
+    rows = np.flatnonzero(img.max(axis=(1, 2)) > 0)
+    cols = np.flatnonzero(img.max(axis=(0, 2)) > 0)
+    assert max(rows[-1], cols[-1]) >= 250
+  final = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  for split in ('val', 'test'):
+    assert 0.0 <= final[split]['map'] <= 1.0
+    assert final[split]['seconds_per_image'] > 0
+  meta = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert meta['dataset'] == 'raccoon' and meta['canvas'] == 256
+  with pytest.raises(DataError, match="'mnist' has no 'objects'"):
+    bad = det_configs.get_config('faster_rcnn,raccoon,local')
+    bad.dataset, bad.data_dir = 'mnist', str(SHARED_TFDS)
+    det_task.DetectionTask(bad).validate()

@@ -57,16 +57,45 @@ from cnn.training import transfer
 
 PROPOSAL_METHODS = ('selective_search_fast', 'selective_search_quality',
                     'sliding', 'random')
+# Besides these, any TFDS dataset with objects/bbox + objects/label
+# (raccoon, coco128, coco/2017): real photographs, letterboxed.
 DATASETS = ('synthetic', 'voc')
+
+
+def photos(config, split: str, limit: int) -> synth.DetectionData:
+  """Real photographs as canvas x canvas letterboxes.
+
+  Each photo is resized (aspect kept) so its longer side is the canvas and
+  placed at the top-left of a black canvas x canvas image; its boxes are
+  scaled with it (`cnn.data.objects`). A photo without boxes is a negative
+  example (all objects masked). Objects beyond `max_objects_per_photo` of
+  a photo are dropped (0: keep all).
+  """
+  from cnn.data import objects  # pylint: disable=g-import-not-at-top
+  side = int(config.canvas)
+  data = objects.load_objects(config.dataset, split, config.data_dir,
+                              shorter_side=side, max_side=side,
+                              limit=limit or None)
+  cap = int(config.get('max_objects_per_photo', 0) or 0)
+  b = data.batch(np.arange(len(data.images)), shape=(side, side),
+                 multiple=1, max_boxes=cap or max(data.max_boxes, 1))
+  classes = np.where(b['gt_valid'], b['gt_classes'], -1).astype(np.int32)
+  return synth.DetectionData(
+      b['images'], np.where(b['gt_valid'][..., None], b['gt_boxes'], 0.0
+                            ).astype(np.float32), classes,
+      b['gt_valid'].sum(axis=1).astype(np.int32), None,
+      b['gt_difficult'] & b['gt_valid'])
 
 
 def canvases(config, split: str, limit: int) -> synth.DetectionData:
   """The config's images of one split: synthetic canvases (one per source
-  image of the first `limit` (0: all) images of the split) or VOC 2007
-  images resized to the canvas."""
+  image of the first `limit` (0: all) images of the split), VOC 2007
+  images resized to the canvas, or real photographs letterboxed into it."""
   if config.dataset == 'voc':
     return synth.load_voc(split, config.data_dir, config.canvas,
                           limit or None)
+  if config.dataset != 'synthetic':
+    return photos(config, split, limit)
   return synth.load(
       config.source, split, config.data_dir, limit=limit or None,
       canvas=config.canvas, seed=config.seed, min_objects=config.min_objects,
@@ -78,6 +107,9 @@ def canvases(config, split: str, limit: int) -> synth.DetectionData:
 def num_classes(config) -> int:
   if config.dataset == 'voc':
     return 20
+  if config.dataset != 'synthetic':
+    from cnn.data import objects  # pylint: disable=g-import-not-at-top
+    return len(objects.class_names(config.dataset, config.data_dir))
   return input_pipeline.dataset_info(config.source, config.data_dir)[0]
 
 
@@ -92,8 +124,10 @@ class TrainCanvases:
       p = config.proposals
       cache_dir = p.cache_dir or os.path.join(workdir, 'proposals')
       os.makedirs(cache_dir, exist_ok=True)
+      name = config.source if config.dataset == 'synthetic' else (
+          f'{config.dataset}{config.canvas}'.replace('/', '_'))
       cache = os.path.join(
-          cache_dir, f'{p.method}_{config.source}_{config.train_split}_'
+          cache_dir, f'{p.method}_{name}_{config.train_split}_'
           f'{len(images)}_{p.train_per_image}_s{config.seed}.npz')
       if not os.path.exists(cache):
         print(f'proposals: {p.method} on {len(images)} training canvases '
@@ -226,8 +260,9 @@ class DetectionTask(base.Task):
     if c.kind not in KINDS:
       raise base.unknown_value('kind', c.kind, KINDS)
     if c.dataset not in DATASETS:
-      raise ConfigError(f"dataset='{c.dataset}' is unknown; use synthetic "
-                        '(CIFAR pasted on canvases) or voc (TFDS voc/2007)')
+      from cnn.data import objects  # pylint: disable=g-import-not-at-top
+      # A missing dataset or one without objects: one line from the reader.
+      objects.class_names(c.dataset, c.data_dir)
     if c.proposals.method not in PROPOSAL_METHODS:
       raise base.unknown_value('proposals.method', c.proposals.method,
                                PROPOSAL_METHODS)
@@ -253,9 +288,10 @@ class DetectionTask(base.Task):
 
   def meta(self) -> dict:
     c = self.config
-    return {'model': f'detector/{c.kind}',
-            'dataset': ('voc/2007' if c.dataset == 'voc'
-                        else f'synthetic_detection/{c.source}')}
+    dataset = {'voc': 'voc/2007',
+               'synthetic': f'synthetic_detection/{c.source}'}.get(
+                   c.dataset, f'{c.dataset}/letterbox{c.canvas}')
+    return {'model': f'detector/{c.kind}', 'dataset': dataset}
 
   def load_init_from(self, spec: str, params, batch_stats):
     return load_pretrained(spec, params, batch_stats)
