@@ -389,6 +389,14 @@ def write_all(workdir: str, checkpoint: str | int = 'latest',
   out = out or os.path.join(workdir, 'visualize')
   variables = state.variables
   pixels, labels = held_out(run.data.evals[split], images)
+  size = int(run.config.get('image_size', 0) or 0)
+  if size and pixels.shape[1:3] != (size, size):
+    # A run that resizes its inputs (transfer to another input size) sees
+    # them at that size: so do its filters, patches and occlusions here.
+    n, _, _, c = pixels.shape
+    pixels = np.clip(np.round(np.asarray(jax.image.resize(
+        pixels.astype(np.float32), (n, size, size, c), 'bilinear'))), 0,
+                     255).astype(np.uint8)
   shape = tuple(pixels.shape[1:])
   mean = np.asarray(run.data.mean, np.float32)
   normalise = lambda x: np.asarray(augment.normalize(x, mean))
