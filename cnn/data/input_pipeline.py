@@ -102,10 +102,11 @@ class ArrayData:
                      None if self.boxes is None else self.boxes[indices])
 
 
-def has_boxes(name: str, data_dir: str | None) -> bool:
-  """Whether the dataset has one `bbox` per image (a BBoxFeature)."""
+def has_boxes(name: str, data_dir: str | None, builder=None) -> bool:
+  """Whether the dataset has one `bbox` per image (a BBoxFeature); pass
+  its `builder` when one is at hand."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  features = _builder(name, data_dir).info.features
+  features = (builder or _builder(name, data_dir)).info.features
   return 'bbox' in features and isinstance(features['bbox'],
                                            tfds.features.BBoxFeature)
 
@@ -123,7 +124,7 @@ def load_arrays(name: str, split: str, data_dir: str | None, *,
       of a dataset without a `bbox` feature.
   """
   builder = _builder(name, data_dir)
-  if boxes and not has_boxes(name, data_dir):
+  if boxes and not has_boxes(name, data_dir, builder):
     raise DataError(
         f"dataset '{name}' has no 'bbox' feature (one box per image): "
         'localization needs one, e.g. --config.dataset=tiny_imagenet')
