@@ -29,6 +29,10 @@ class Point:
   epoch: float
   minutes: float
   error: float  # test error in [0, 1]
+  top5: float | None = None  # top-5 test error, where the run has it
+  # The mean training error (augmented batches, train mode) over the steps
+  # since the previous evaluation; None where no training row was logged.
+  train_error: float | None = None
 
 
 def _epochs(rows: list[dict]) -> dict[int, float]:
@@ -98,27 +102,46 @@ def points(workdir: str, split: str = 'test') -> tuple[list[Point], str]:
       raise ConfigError(f'{workdir}: no time for the evaluations at steps '
                         f'{missing[:5]} (no wall_seconds and no TensorBoard '
                         'event): rerun with tensorboard on')
-  out = [Point(r['step'], _epoch_at(r['step'], epochs), secs[r['step']] / 60,
-               r['error']) for r in evals]
+  train = [(r['step'], r['error']) for r in rows
+           if r['split'] == 'train' and 'error' in r]
+  out, previous = [], 0
+  for r in evals:
+    since = [e for s, e in train if previous < s <= r['step']]
+    out.append(Point(r['step'], _epoch_at(r['step'], epochs),
+                     secs[r['step']] / 60, r['error'], r.get('top5_error'),
+                     float(np.mean(since)) if since else None))
+    previous = r['step']
   return out, clock
 
 
+def _pct(x: float | None) -> str:
+  return '' if x is None else f'{100 * x:.2f}'
+
+
 def table(pts: list[Point]) -> str:
-  lines = ['| epoch | step | wall-clock min | test error % |',
-           '|---|---|---|---|']
+  """One row per evaluation; a top-5 column where the run has top-5."""
+  top5 = any(p.top5 is not None for p in pts)
+  head = ['epoch', 'step', 'wall-clock min', 'test error %'] + (
+      ['top-5 test error %'] if top5 else []) + ['train error %']
+  lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
   for p in pts:
-    lines.append(f'| {p.epoch:.1f} | {p.step} | {p.minutes:.1f} | '
-                 f'{100 * p.error:.2f} |')
+    cells = [f'{p.epoch:.1f}', str(p.step), f'{p.minutes:.1f}',
+             _pct(p.error)] + ([_pct(p.top5)] if top5 else []) + [
+                 _pct(p.train_error)]
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
-def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
+def figure(runs, *, title: str, paper: float | None = 8.75,
            paper_label: str = 'He et al. 2015', goal: float | None = 1.5,
            marks: tuple = ()):
   """Test error (%) against minutes (left) and epochs (right).
 
   Args:
-    pts: the run's evaluations.
+    runs: the evaluations of one run (a list of Points), or of several as
+      (label, Points) pairs, one colour each: test top-1 solid, top-5
+      dash-dotted where the run has it, the training error (augmented
+      batches) thin dashed.
     title: figure title.
     paper: the paper's test error (%), drawn as a dashed line.
     paper_label: whose figure that is.
@@ -129,18 +152,33 @@ def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  if runs and isinstance(runs[0], Point):
+    runs = [('this run', runs)]
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-  err = [100 * p.error for p in pts]
-  shown = err + [m[3] for m in marks] + (
+  shown = [m[3] for m in marks] + (
       [paper] + ([paper + goal] if goal is not None else [])
       if paper is not None else [])
-  lo, hi = min(shown) / 1.3, max(shown) * 1.3
+  for _, pts in runs:
+    for p in pts:
+      shown += [100 * v for v in (p.error, p.top5, p.train_error)
+                if v is not None and v > 0]
+  lo, hi = min(shown) / 1.3, min(max(shown) * 1.3, 100)
   ticks = [t for t in (0.3, 0.5, 0.8, 1, 1.5, 2, 3, 5, 8, 10, 15, 20, 30, 50,
                        70, 100) if lo <= t <= hi]
-  for ax, xs, xlabel, k in ((axes[0], [p.minutes for p in pts],
-                             'wall-clock minutes', 1),
-                            (axes[1], [p.epoch for p in pts], 'epochs', 2)):
-    ax.plot(xs, err, 'o-', ms=3, lw=1.5, label='this run (test error)')
+  for ax, xlabel, k in ((axes[0], 'wall-clock minutes', 1),
+                        (axes[1], 'epochs', 2)):
+    for i, (label, pts) in enumerate(runs):
+      xs = [p.minutes if k == 1 else p.epoch for p in pts]
+      colour = f'C{i}'
+      ax.plot(xs, [100 * p.error for p in pts], 'o-', ms=3, lw=1.5,
+              color=colour, label=f'{label}: test error')
+      for key, style, what in (('top5', '-.', 'top-5 test error'),
+                               ('train_error', '--', 'training error')):
+        got = [(x, 100 * getattr(p, key)) for x, p in zip(xs, pts)
+               if getattr(p, key) is not None]
+        if got:
+          ax.plot(*zip(*got), style, lw=1 if key == 'top5' else 0.8,
+                  color=colour, alpha=0.8, label=f'{label}: {what}')
     if paper is not None:
       ax.axhline(paper, ls='--', color='k', lw=1,
                  label=f'{paper_label}: {paper:g} %')
@@ -156,8 +194,8 @@ def figure(pts: list[Point], *, title: str, paper: float | None = 8.75,
     ax.set_yticks(ticks)
     ax.set_yticklabels([f'{t:g}' for t in ticks])
     ax.grid(True, which='both', alpha=0.3)
-  axes[0].set_ylabel('test error % (log scale)')
-  axes[1].legend(fontsize=8, loc='upper right')
+  axes[0].set_ylabel('error % (log scale)')
+  axes[1].legend(fontsize=7, loc='upper right')
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
