@@ -517,20 +517,42 @@ def restore_run(workdir: str, checkpoint: str | int = 'latest',
 
 def evaluate_checkpoint(workdir: str, split: str = 'test',
                         checkpoint: str | int = 'latest',
-                        picture: str | None = None) -> dict:
+                        picture: str | None = None,
+                        examples: int = 0) -> dict:
   """Restores a run's checkpoint and evaluates it on one held-out split.
 
   Args:
     workdir: a run folder of any task.
-    split: a held-out split of the run ('test', 'val').
+    split: a held-out split of the run ('test', 'val'), or 'train': the
+      run's own training images (in memory, after any val / class / per-class
+      selection) as the test images are seen, clean and in eval mode, which
+      measures the generalisation gap.
     checkpoint: 'latest', 'best' or a step.
     picture: where to draw the checkpoint's predictions on test images (a
       PNG; localization and detection), or None.
+    examples: > 0: only the first this many examples of the split.
 
   Returns:
     The task's metrics, plus 'step' and 'task'.
   """
   run, state, step = restore_run(workdir, checkpoint)
+  if split == 'train':
+    if not isinstance(run.data.train, input_pipeline.ArrayData):
+      raise ConfigError(f'{workdir}: --split=train works where the training '
+                        'images sit in memory (classification runs); use '
+                        'test or val')
+    run.data.evals = {**run.data.evals, 'train': run.data.train}
+  if examples:
+    if split not in run.data.evals:
+      run.evaluate(state, split)  # the one-line error of an unknown split
+    held = run.data.evals[split]
+    if not isinstance(held, input_pipeline.ArrayData):
+      raise ConfigError(f'--examples needs a split held in memory; {split} '
+                        'streams: leave --examples unset')
+    if not 0 < examples <= len(held):
+      raise ConfigError(f'--examples={examples} must be between 1 and the '
+                        f'{len(held)} examples of {split}')
+    run.data.evals = {**run.data.evals, split: held.take(slice(0, examples))}
   result = run.evaluate(state, split, final=True)
   if picture:
     run.task.picture(run.model, state.variables, run.data, picture)

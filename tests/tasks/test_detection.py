@@ -225,7 +225,7 @@ def test_evaluate_checkpoint_of_a_detection_run(trained):
     last = train_lib.evaluate_checkpoint(work, 'test', 'latest')
     early = train_lib.evaluate_checkpoint(work, 'test', '4')
     val = train_lib.evaluate_checkpoint(work, 'val', 'best')
-    with pytest.raises(ConfigError, match='not held out'):
+    with pytest.raises(ConfigError, match='training images sit in memory'):
       train_lib.evaluate_checkpoint(work, 'train')
   # (mock data ignores split slices; the real-data test counts the canvases)
   assert val['examples'] > 0 and val['step'] in (4, 6)

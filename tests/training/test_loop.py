@@ -163,6 +163,18 @@ def test_evaluate_checkpoint_restores_latest_and_best(tmp_path):
     assert best['step'] in (2, 4)
     with pytest.raises(CheckpointError, match='available steps'):
       loop.evaluate_checkpoint(str(wd), 'test', '3')
+    # The run's own training images (24 - 8 held out as val), eval mode.
+    train = loop.evaluate_checkpoint(str(wd), 'train')
+    assert train['examples'] == 16 and 0.0 <= train['error'] <= 1.0
+    first = loop.evaluate_checkpoint(str(wd), 'train', examples=5)
+    assert first['examples'] == 5
+    assert loop.evaluate_checkpoint(str(wd), 'train', examples=16) == train
+    with pytest.raises(ConfigError, match='between 1 and the 8 examples of '
+                       'val') as e:
+      loop.evaluate_checkpoint(str(wd), 'val', examples=9)
+    assert '\n' not in str(e.value)
+    with pytest.raises(ConfigError, match='not held out'):
+      loop.evaluate_checkpoint(str(wd), 'bogus', examples=3)
 
 
 @requires_cifar10_jpeg
