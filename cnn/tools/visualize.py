@@ -338,13 +338,31 @@ def _load(workdir: str, checkpoint: str, split: str):
   return run, state, step
 
 
+def confident_examples(p_true: np.ndarray, labels: np.ndarray,
+                       k: int) -> list[int]:
+  """Indices of the `k` examples with the highest probability of their true
+  class, at most one per class (Zeiler & Fergus occlude images the net gets
+  right, so the map shows what it relies on)."""
+  picked, seen = [], set()
+  for i in np.argsort(-p_true, kind='stable'):
+    if int(labels[i]) not in seen:
+      picked.append(int(i))
+      seen.add(int(labels[i]))
+      if len(picked) == k:
+        break
+  return picked
+
+
 def _top_patches(forward, variables, pixels, normalise, stages, map_shapes,
-                 units: int, batch: int) -> dict:
-  """{stage: [(channel, [(image, y, x, activation)] * 9)] * units}."""
+                 units: int, batch: int) -> tuple[dict, np.ndarray]:
+  """({stage: [(channel, [(image, y, x, activation)] * 9)] * units}, the
+  class probabilities of every image)."""
   maxima = {s: ([], []) for s in stages}
+  probs = []
   for start in range(0, len(pixels), batch):
     part = normalise(pixels[start:start + batch])
-    got = jax.device_get(forward(variables, _padded(part, batch))[1])
+    p, got = jax.device_get(forward(variables, _padded(part, batch)))
+    probs.append(np.asarray(p)[:len(part)])
     for s, (v, where) in got.items():
       maxima[s][0].append(v[:len(part)])
       maxima[s][1].append(where[:len(part)])
@@ -357,7 +375,7 @@ def _top_patches(forward, variables, pixels, normalise, stages, map_shapes,
     picks[s] = [(int(c), [(int(i), *divmod(int(where[i, c]), map_w),
                            float(values[i, c])) for i in top[:, j]])
                 for j, c in enumerate(channels)]
-  return picks
+  return picks, np.concatenate(probs)
 
 
 def write_all(workdir: str, checkpoint: str | int = 'latest',
@@ -373,7 +391,8 @@ def write_all(workdir: str, checkpoint: str | int = 'latest',
     out: output folder (default: workdir/visualize).
     units: channels per stage (those with the highest mean spatial max).
     images: held-out images searched for the top 9 (the first ones).
-    occlusion: images with an occlusion map (0: none).
+    occlusion: images with an occlusion map (0: none): of the searched
+      images, those whose true class the net is surest of, one per class.
     dpi: resolution of the PNGs.
     batch: images per forward pass.
 
@@ -419,8 +438,8 @@ def write_all(workdir: str, checkpoint: str | int = 'latest',
     probs, maps = features(v, x)
     return probs, {s: spatial_max(m) for s, m in maps.items()}
 
-  picks = _top_patches(forward, variables, pixels, normalise, stages,
-                       map_shapes, units, batch)
+  picks, probs = _top_patches(forward, variables, pixels, normalise, stages,
+                              map_shapes, units, batch)
   wanted = sorted({(s, y, x, c) for s in stages for c, tops in picks[s]
                    for _, y, x, _ in tops})
   boxes = dict(zip(wanted, receptive_fields(maps_of, variables, wanted, shape,
@@ -447,12 +466,16 @@ def write_all(workdir: str, checkpoint: str | int = 'latest',
     patch, stride = max(1, round(shape[0] / 4)), max(1, round(shape[0] / 8))
     prob_fn = lambda x: forward(variables, x)[0]
     items = []
-    for i in range(min(occlusion, len(pixels))):
+    p_true = probs[np.arange(len(probs)), np.asarray(labels[:len(probs)])]
+    for i in confident_examples(p_true, labels, occlusion):
       image, label = normalise(pixels[i]), int(labels[i])
-      p0 = float(np.asarray(prob_fn(_padded(image[None], batch)))[0, label])
+      p0 = float(p_true[i])
       prob, ys, xs = occlusion_map(prob_fn, image, label, patch, stride,
                                    batch=batch)
-      cls = names[label] if names and label < len(names) else f'class {label}'
+      # The first of a WordNet class's synonyms ('monarch, monarch butterfly,
+      # ...') fits a title.
+      cls = (names[label].split(',')[0] if names and label < len(names)
+             else f'class {label}')
       items.append((pixels[i], prob, ys, xs, f'{cls}: p={p0:.2f} unoccluded'))
     written.append(plotting.save(occlusion_figure(items, patch),
                                  os.path.join(out, 'occlusion.png'), dpi))

@@ -88,6 +88,14 @@ def test_top_9_are_the_largest_activations():
   assert visualize.top_k_images(values[:4], 9).shape == (4, 5)
 
 
+def test_occlusion_images_are_the_surest_right_ones_one_per_class():
+  p_true = np.array([0.1, 0.9, 0.8, 0.95, 0.3, 0.7])
+  labels = np.array([0, 1, 1, 2, 0, 3])
+  # 0.95 (class 2), 0.9 (class 1), not 0.8 (class 1 again), 0.7 (class 3)
+  assert visualize.confident_examples(p_true, labels, 3) == [3, 1, 5]
+  assert visualize.confident_examples(p_true, labels, 9) == [3, 1, 5, 4]
+
+
 def test_occlusion_changes_the_map_only_where_the_model_looks():
   def prob_fn(x):  # a "net" that only looks at the top-left 8x8 quadrant
     p = jax.nn.sigmoid(jnp.sum(x[:, :8, :8], axis=(1, 2, 3)) / 50.0)
