@@ -126,6 +126,9 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   # classification"):
   #   python -m experiments.train --config=configs/cifar10.py:det_trunk \
   #     --workdir=runs/det_trunk --config.num_train_steps=4000
+  # or, for the photographs, on Tiny ImageNet resized to 32x32:
+  #   python -m experiments.train --config=configs/tiny_imagenet.py:det_trunk,cpu \
+  #     --workdir=runs/tin_det_trunk
   common.add_training_fields(
       c, batch_size=8, num_train_steps=2000, learning_rate=0.02,
       weight_decay=5e-4, lr_schedule='cosine', warmup_steps=200,

@@ -6,7 +6,10 @@ The argument is `MODEL[,PRESET]`:
           plain twin: the same layers without shortcuts) or vgg_64 (VGG-B's
           first four stages with BN after every conv, 4x4x512 into two FC
           layers of 1024; 14,331,528 parameters). Any registry model that
-          takes 64x64 input works.
+          takes 64x64 input works. det_trunk (the detectors' trunk and FC
+          layers, `cnn.models.detnet`) trains on the images resized to
+          32x32, the size of R-CNN's warps and of Fast R-CNN's 4x4 RoI grid,
+          so a detector starts from it (`configs/detection.py`, init_from).
   (none)  the full recipe, for a GPU: batch 256, 60 epochs, lr 0.2 (0.1 per
           128 images, Goyal et al. 2017) with a 2-epoch linear warm-up and a
           cosine decay, Nesterov momentum, weight decay 5e-4 on kernels only,
@@ -45,7 +48,7 @@ def _narrow(model: str) -> dict:
     return {'num_filters': 16, 'stem_strides': 2}
   if model.startswith('vgg'):
     return {'width_multiplier': 0.25, 'fc_width': 256}
-  return {}
+  return {}  # det_trunk: already the detectors' size
 
 
 def get_config(arg: str = 'resnet18_64,cpu') -> config_dict.ConfigDict:
@@ -75,6 +78,9 @@ def get_config(arg: str = 'resnet18_64,cpu') -> config_dict.ConfigDict:
   c.train_examples_per_class = 0
   c.eval_batch_size = 500
   c.label_smoothing = 0.1
+  # det_trunk: resized on the device to the detectors' 32x32 (the FC layers
+  # then see the 4x4 map of a RoI); 0 keeps the 64x64 images.
+  c.image_size = 32 if c.model == 'det_trunk' else 0
 
   full = not preset
   batch = 256 if full else 128

@@ -60,6 +60,26 @@ def test_classification_preset_trains_and_reports_top5(tmp_path):
     tiny_imagenet.get_config('resnet18_64,gpu')
 
 
+def test_det_trunk_pretrained_at_32x32_fits_the_raccoon_detector(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import model as model_lib  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import task as det_task  # pylint: disable=g-import-not-at-top
+  from configs import detection  # pylint: disable=g-import-not-at-top
+  c = tiny_imagenet.get_config('det_trunk,local')
+  assert c.image_size == 32 and not c.model_kwargs.to_dict()
+  assert tiny_imagenet.get_config('resnet18_64,cpu').image_size == 0
+  loop.train_and_evaluate(c, str(tmp_path / 'pre'))
+  d = detection.get_config('fast_rcnn,raccoon')
+  model, spec = model_lib.make_model(d, 1)
+  task = det_task.DetectionTask(d)
+  task.spec = spec
+  fresh = task.init_variables(model, None, jax.random.PRNGKey(0))
+  _, _, message = det_task.load_pretrained(
+      str(tmp_path / 'pre'), fresh['params'], fresh['batch_stats'])
+  # 6 conv kernels, 6 BN (scale, bias), fc1 and fc2 (kernel, bias).
+  assert 'loaded 22 parameter arrays and 12 BatchNorm statistics' in message
+
+
 def test_localization_on_real_boxes_end_to_end(tmp_path):
   c = loc_configs.get_config('local,tiny_imagenet')
   c.test_examples = 50
