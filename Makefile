@@ -28,7 +28,7 @@ train: setup
 	  $(DATA_FLAGS)
 
 test: setup
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=12 tests
 
 summary: setup
 	$(PY) -m cnn.tools.summary $(MODEL)
