@@ -163,8 +163,8 @@ def figure(runs, *, title: str, paper: float | None = 8.75,
       shown += [100 * v for v in (p.error, p.top5, p.train_error)
                 if v is not None and v > 0]
   lo, hi = min(shown) / 1.3, min(max(shown) * 1.3, 100)
-  ticks = [t for t in (0.3, 0.5, 0.8, 1, 1.5, 2, 3, 5, 8, 10, 15, 20, 30, 50,
-                       70, 100) if lo <= t <= hi]
+  ticks = [t for t in (0.3, 0.5, 0.8, 1, 1.5, 2, 3, 5, 8, 10, 15, 20, 30, 40,
+                       50, 60, 70, 80, 100) if lo <= t <= hi]
   for ax, xlabel, k in ((axes[0], 'wall-clock minutes', 1),
                         (axes[1], 'epochs', 2)):
     for i, (label, pts) in enumerate(runs):
