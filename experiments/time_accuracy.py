@@ -11,9 +11,9 @@ right; log scale: test error bold, top-5 test error dash-dotted where the
 run has it, the training error on augmented batches thin dashed; the
 paper's figure dashed black, the goal of paper + 1.5 dotted, each --mark a
 square) and DIR/time_accuracy.md (the table of each run, also printed);
-DIR defaults to the (first) workdir. The minutes are the run's own clock, with the
-gaps between sittings left out (`cnn.tools.time_accuracy`). Works on a run
-still training: it draws what has been evaluated.
+DIR defaults to the (first) workdir. The minutes are the run's own clock,
+with the gaps between sittings left out (`cnn.tools.time_accuracy`). Works
+on a run still training: it draws what has been evaluated.
 """
 import os
 
