@@ -28,6 +28,14 @@ train / 40 test photos letterboxed to 256 px, ~2,000 selective-search
 proposals per image); `--config.dataset=NAME` any TFDS dataset with
 objects/bbox + objects/label the same way (coco128, coco/2017).
 
+The study of the three detectors from scratch and from a pretrained trunk,
+two seeds each (12 members; `sweep` below), on raccoons:
+
+  python -m experiments.train --config=configs/tiny_imagenet.py:det_trunk,cpu \
+    --workdir=runs/tin_det_trunk
+  python -m experiments.sweep --config=configs/detection.py:fast_rcnn,raccoon \
+    --workdir=runs/raccoon_study
+
 `--config.dataset=voc --config.data_dir=DIR --config.train_split=
 train+validation` trains on Pascal VOC 2007 (20 classes, "difficult" boxes
 ignored) where TFDS `voc/2007` is prepared under DIR (it is not here).
@@ -171,3 +179,30 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
     c.proposals.train_per_image = 100
     c.proposals.test_per_image = 100
   return c
+
+
+# Where the study's pretrained members start from: the det_trunk runs of
+# the commands in the docstring (Tiny ImageNet for photographs, CIFAR-10
+# for the synthetic canvases).
+PRETRAINED = {'raccoon': 'runs/tin_det_trunk', '': 'runs/det_trunk'}
+
+
+def sweep(arg: str = 'fast_rcnn,raccoon') -> list[tuple[str, dict]]:
+  """Every detector x (from scratch, from the pretrained det_trunk) x seeds
+  0 and 1, on the data of `arg` (its detector is replaced by each member's;
+  `,raccoon` or the synthetic canvases). The members share one cache of
+  training proposals per seed (the cache key names the dataset, split,
+  count, proposals per image and seed), so selective search runs once per
+  seed, not once per member."""
+  raccoon = 'raccoon' in (arg or '').split(',')
+  get_config(arg)  # the argument's one-line error, if any
+  source = PRETRAINED['raccoon' if raccoon else '']
+  members = []
+  for kind in KINDS:
+    for init in ('scratch', 'pretrained'):
+      for seed in (0, 1):
+        members.append((f'{kind}_{init}_s{seed}', {
+            'kind': kind, 'seed': seed,
+            'init_from': source if init == 'pretrained' else '',
+            'proposals.cache_dir': 'runs/detection_cache'}))
+  return members

@@ -64,6 +64,27 @@ def test_presets_share_one_recipe_scaled_to_their_length():
     plain_vs_resnet.sweep('cpu,seed=2')
 
 
+def test_detection_study_members_share_one_proposal_cache():
+  from configs import detection  # pylint: disable=g-import-not-at-top
+  members = dict(detection.sweep('fast_rcnn,raccoon'))
+  assert len(members) == 3 * 2 * 2
+  assert list(members)[:4] == ['rcnn_scratch_s0', 'rcnn_scratch_s1',
+                               'rcnn_pretrained_s0', 'rcnn_pretrained_s1']
+  base = detection.get_config('fast_rcnn,raccoon')
+  c = sweeps.apply_overrides(base, members['faster_rcnn_pretrained_s1'])
+  assert (c.kind, c.seed, c.init_from) == ('faster_rcnn', 1,
+                                           'runs/tin_det_trunk')
+  assert c.dataset == 'raccoon' and c.canvas == 256
+  assert c.proposals.cache_dir == 'runs/detection_cache'
+  scratch = sweeps.apply_overrides(base, members['rcnn_scratch_s0'])
+  assert (scratch.kind, scratch.init_from) == ('rcnn', '')
+  # The synthetic canvases start from the CIFAR-10 det_trunk instead.
+  assert dict(detection.sweep('rcnn'))['rcnn_pretrained_s0'][
+      'init_from'] == 'runs/det_trunk'
+  with pytest.raises(ValueError, match='unknown preset'):
+    detection.sweep('fast_rcnn,racoon')
+
+
 def test_lr_schedule_members_override_nested_fields():
   members = dict(lr_schedules.sweep('cpu'))
   assert list(members)[0] == 'step_s0'
