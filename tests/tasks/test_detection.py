@@ -360,6 +360,11 @@ def test_faster_rcnn_on_real_raccoon_photographs(tmp_path):
     assert final[split]['seconds_per_image'] > 0
   meta = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert meta['dataset'] == 'raccoon' and meta['canvas'] == 256
+  # The picture of a photo run names the dataset's classes.
+  png = tmp_path / 'raccoon.png'
+  detection_report.draw_detections([str(tmp_path / 'run')], str(png),
+                                   num_images=2, min_score=0.0)
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(DataError, match="'mnist' has no 'objects'"):
     bad = det_configs.get_config('faster_rcnn,raccoon,local')
     bad.dataset, bad.data_dir = 'mnist', str(SHARED_TFDS)

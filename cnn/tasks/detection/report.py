@@ -114,6 +114,9 @@ def _draw_row(axes, config, predictor, data, min_score: float) -> None:
   from cnn.data import input_pipeline  # pylint: disable=g-import-not-at-top
   if config.dataset == 'voc':
     names = [str(k) for k in range(20)]
+  elif config.dataset != 'synthetic':  # photographs: the dataset's names
+    from cnn.data import objects  # pylint: disable=g-import-not-at-top
+    names = objects.class_names(config.dataset, config.data_dir)
   else:
     names = input_pipeline.class_names(config.source, config.data_dir)
   for col, ax in enumerate(axes):
