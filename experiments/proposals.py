@@ -22,6 +22,9 @@ reads the photos with `cnn.data.objects` (shorter side resized to
 first 100 / 300 / 1000 / all proposals per method, with time per image
 (selective search one image at a time per process). Sliding windows there
 use 6 sides from 16 px to the shorter side (geometric) x 3 ratios.
+`--rpn=runs/rac_faster` adds the class-agnostic RPN of a trained Faster
+R-CNN (each photo letterboxed to the run's canvas as it trained, every
+anchor scored, up to 2,000 boxes after NMS, scaled back to the photo).
 """
 from absl import app
 from absl import flags
@@ -43,6 +46,10 @@ _DATASET = flags.DEFINE_string('dataset', None, 'A TFDS detection dataset '
                                'coco128; default: synthetic canvases.')
 _SHORTER = flags.DEFINE_integer('shorter_side', 480, 'Photos are resized to '
                                 'this shorter side (with --dataset).')
+_RPN = flags.DEFINE_string('rpn', None, 'With --dataset: a Faster R-CNN run '
+                           'folder whose class-agnostic RPN adds a row '
+                           '(photos letterboxed to its canvas, boxes '
+                           'scaled back).')
 _REAL_TOP = (100, 300, 1000, 'all')
 _METHODS = ('selective_search_fast', 'selective_search_quality', 'sliding',
             'random')
@@ -77,19 +84,26 @@ def measure(images, boxes, valid, sizes, processes: int, seed: int) -> list:
   return rows
 
 
-def measure_photos(data, processes: int, seed: int):
+def measure_photos(data, processes: int, seed: int, rpn=None):
   """Rows (method, mean count, ms per image, {iou: recalls}) on photos of
-  different sizes: each photo is its own batch of one."""
+  different sizes: each photo is its own batch of one. `rpn`: (name,
+  callable photo -> (boxes, seconds)) for one more row, e.g. a trained
+  Faster R-CNN's RPN (`inference.RPNProposer`); its time excludes the first
+  call (compilation)."""
   import time  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cnn.tasks.detection import proposals  # pylint: disable=g-import-not-at-top
   n = len(data.images)
   keep = [i for i in range(n) if len(data.boxes[i])]
   rows, fast_counts = [], None
-  for method in _METHODS:
+  for method in _METHODS + ((rpn[0],) if rpn else ()):
     start = time.perf_counter()
     lists = []
-    if method.startswith('selective_search') and processes > 1:
+    if rpn and method == rpn[0]:
+      rpn[1](data.images[0])  # compile
+      start = time.perf_counter()
+      lists = [rpn[1](img)[0] for img in data.images]
+    elif method.startswith('selective_search') and processes > 1:
       import multiprocessing  # pylint: disable=g-import-not-at-top
       mode = method[len('selective_search_'):]
       with multiprocessing.get_context('spawn').Pool(processes) as pool:
@@ -150,12 +164,25 @@ def main(argv):
 
   def photos():
     from cnn.data import objects  # pylint: disable=g-import-not-at-top
+    from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
     split = _SPLIT.value if _SPLIT.value != 'test' or _DATASET.value != (
         'coco128') else 'validation'
     data = objects.load_objects(_DATASET.value, split, _DATA_DIR.value,
                                 shorter_side=_SHORTER.value,
                                 limit=_NUM_IMAGES.value)
-    rows = measure_photos(data, _PROCESSES.value, _SEED.value)
+    rpn = None
+    if _RPN.value:
+      from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
+      from cnn.training import loop  # pylint: disable=g-import-not-at-top
+      run, state, _ = loop.restore_run(_RPN.value)
+      if run.task.name != 'detection' or run.config.kind != 'faster_rcnn':
+        raise ConfigError(f'--rpn={_RPN.value} is not a faster_rcnn run; '
+                          'give the folder of one (configs/detection.py:'
+                          'faster_rcnn,raccoon)')
+      rpn = (f'rpn ({run.config.dataset}, {run.config.canvas} px)',
+             inference.RPNProposer(run.model, state.variables, run.config,
+                                   run.task.spec))
+    rows = measure_photos(data, _PROCESSES.value, _SEED.value, rpn)
     print(photo_table(rows))
     print(f'{len(data.images)} photos of {_DATASET.value}/{split}, shorter '
           f'side {_SHORTER.value} px ({data.num_boxes} boxes); recall at IoU '

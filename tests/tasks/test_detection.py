@@ -1,6 +1,7 @@
 """R-CNN / Fast R-CNN / Faster R-CNN: RoI sampling, RPN targets, losses,
 post-processing, and each detector trained end to end through the train
 command's entry point on tfds mock data (plus one run on real CIFAR-10)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -338,7 +339,7 @@ def test_detector_starts_from_a_pretrained_det_trunk_classifier(tmp_path):
 
 
 @requires_shared('raccoon')
-def test_faster_rcnn_on_real_raccoon_photographs(tmp_path):
+def test_faster_rcnn_on_real_raccoon_photographs(tmp_path, monkeypatch):
   c = det_configs.get_config('faster_rcnn,raccoon,local')
   c.data_dir = str(SHARED_TFDS)
   # The letterboxes: longer side 256, boxes scaled with the photo and
@@ -365,6 +366,29 @@ def test_faster_rcnn_on_real_raccoon_photographs(tmp_path):
   detection_report.draw_detections([str(tmp_path / 'run')], str(png),
                                    num_images=2, min_score=0.0)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # Its RPN as a proposal method on photos of their own size (not
+  # letterboxed): boxes inside each photo, as many as NMS kept.
+  from cnn.data import objects  # pylint: disable=g-import-not-at-top
+  from experiments import proposals as proposals_cli  # pylint: disable=g-import-not-at-top
+  run, state, _ = train_lib.restore_run(str(tmp_path / 'run'))
+  rpn = inference.RPNProposer(run.model, state.variables, run.config,
+                              run.task.spec, post_nms=300)
+  photos = objects.load_objects('raccoon', 'test', str(SHARED_TFDS),
+                                shorter_side=200, limit=2)
+  for img in photos.images:
+    boxes, seconds = rpn(img)
+    h, w = img.shape[:2]
+    assert max(h, w) > 256 and 0 < len(boxes) <= 300 and seconds > 0
+    assert boxes[:, 0].min() >= 0 and boxes[:, 1].min() >= 0
+    assert (boxes[:, 0] + boxes[:, 2]).max() <= w + 1e-3
+    assert (boxes[:, 1] + boxes[:, 3]).max() <= h + 1e-3
+  monkeypatch.setattr(proposals_cli, '_METHODS', ('sliding',))
+  rows = proposals_cli.measure_photos(photos, 1, 0, ('rpn', rpn))
+  assert [r[0] for r in rows] == ['sliding', 'rpn'] and rows[1][1] > 0
+  assert 0 <= rows[1][3][0.7]['all'] <= rows[1][3][0.5]['all'] <= 1
+  with pytest.raises(ValueError, match='needs a faster_rcnn run'):
+    inference.RPNProposer(run.model, state.variables, run.config,
+                          dataclasses.replace(run.task.spec, kind='rcnn'))
   with pytest.raises(DataError, match="'mnist' has no 'objects'"):
     bad = det_configs.get_config('faster_rcnn,raccoon,local')
     bad.dataset, bad.data_dir = 'mnist', str(SHARED_TFDS)

@@ -154,6 +154,50 @@ class Predictor:
             np.asarray(valid), t1 - t0, t2 - t1)
 
 
+class RPNProposer:
+  """The class-agnostic RPN of a trained Faster R-CNN as a proposal method
+  for photographs of any size.
+
+  A photo is letterboxed as the run trained (resized so its longer side is
+  the run's canvas, placed top-left on black); the RPN's boxes after NMS
+  (every anchor scored, up to `post_nms` kept, best first) are scaled back
+  to the photo's pixels and clipped to it. `__call__(photo)` returns
+  (boxes (n, 4) x, y, w, h, seconds).
+  """
+
+  def __init__(self, model: Detector, variables, config, spec: Spec,
+               post_nms: int = 2000):
+    if spec.kind != 'faster_rcnn':
+      raise ValueError(f'an RPN needs a faster_rcnn run, not {spec.kind}')
+    self.canvas, self.variables = spec.canvas, variables
+    r, anchors = config.rpn, jnp.asarray(spec.anchors)
+
+    def fn(v, image):
+      f = model.apply(v, preprocess(image)[None], False,
+                      method=Detector.features)
+      obj, deltas = model.apply(v, f, method=Detector.propose)
+      boxes, valid, _ = rpn_proposals(
+          obj[0], deltas[0], anchors, canvas=spec.canvas,
+          pre_nms=int(anchors.shape[0]), post_nms=post_nms,
+          nms_iou=r.nms_iou, min_size=r.min_size)
+      return boxes, valid
+    self._fn = jax.jit(fn)
+
+  def __call__(self, photo: np.ndarray):
+    from cnn.data import objects  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
+    h, w = photo.shape[:2]
+    nh, nw = objects.resized_shape(h, w, self.canvas, self.canvas)
+    canvas = np.zeros((self.canvas, self.canvas, 3), np.uint8)
+    canvas[:nh, :nw] = objects.resize(photo, nh, nw)
+    boxes, valid = jax.block_until_ready(self._fn(self.variables, canvas))
+    boxes = np.asarray(boxes)[np.asarray(valid)].astype(np.float64)
+    boxes[:, [0, 2]] *= w / nw
+    boxes[:, [1, 3]] *= h / nh
+    boxes = np.asarray(box_ops.clip(boxes, h, w), np.float32)
+    return boxes, time.perf_counter() - t0
+
+
 def evaluate(model, variables, data, config, spec: Spec) -> dict:
   """mAP@0.5 (VOC all-point AP), proposal recall and time per image."""
   predictor = Predictor(model, variables, config, spec)
