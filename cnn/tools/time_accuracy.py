@@ -85,6 +85,9 @@ def points(workdir: str, split: str = 'test') -> tuple[list[Point], str]:
   Raises:
     ConfigError: no evaluation of `split` in the run folder.
   """
+  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    raise ConfigError(f'{workdir} holds no run (no metrics.jsonl): check '
+                      'the path, or train it first')
   rows = metric_writers.read_metrics(workdir)
   evals = [r for r in rows if r['split'] == split and 'error' in r]
   if not evals:

@@ -536,15 +536,18 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
     The task's metrics, plus 'step' and 'task'.
   """
   run, state, step = restore_run(workdir, checkpoint)
+  in_memory = isinstance(run.data.train, input_pipeline.ArrayData)
+  if split != 'train' and split not in run.data.evals:
+    raise ConfigError(f"split '{split}' is not held out in this run; "
+                      f'choose one of {sorted(run.data.evals)}'
+                      + (" or 'train'" if in_memory else ''))
   if split == 'train':
-    if not isinstance(run.data.train, input_pipeline.ArrayData):
+    if not in_memory:
       raise ConfigError(f'{workdir}: --split=train works where the training '
                         'images sit in memory (classification runs); use '
                         'test or val')
     run.data.evals = {**run.data.evals, 'train': run.data.train}
   if examples:
-    if split not in run.data.evals:
-      run.evaluate(state, split)  # the one-line error of an unknown split
     held = run.data.evals[split]
     if not isinstance(held, input_pipeline.ArrayData):
       raise ConfigError(f'--examples needs a split held in memory; {split} '

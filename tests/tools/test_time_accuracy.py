@@ -48,6 +48,8 @@ def test_tensorboard_clock_leaves_out_the_gap_between_sittings(tmp_path):
   assert [(p.top5, p.train_error) for p in pts] == [(None, None)] * 2
   with pytest.raises(ConfigError, match='no val evaluation'):
     time_accuracy.points(str(tmp_path), 'val')
+  with pytest.raises(ConfigError, match='typo holds no run'):
+    time_accuracy.points(str(tmp_path / 'typo'))
 
 
 def _script(*args):

@@ -173,8 +173,10 @@ def test_evaluate_checkpoint_restores_latest_and_best(tmp_path):
                        'val') as e:
       loop.evaluate_checkpoint(str(wd), 'val', examples=9)
     assert '\n' not in str(e.value)
-    with pytest.raises(ConfigError, match='not held out'):
-      loop.evaluate_checkpoint(str(wd), 'bogus', examples=3)
+    for examples in (0, 3):
+      with pytest.raises(ConfigError, match=r"not held out in this run; "
+                         r"choose one of \['test', 'val'\] or 'train'"):
+        loop.evaluate_checkpoint(str(wd), 'bogus', examples=examples)
 
 
 @requires_cifar10_jpeg
