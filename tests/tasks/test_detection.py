@@ -187,6 +187,9 @@ def test_each_detector_trains_evaluates_and_writes_its_run(trained):
   for kind, (work, res) in trained.items():
     assert 0.0 <= res['map'] <= 1.0, kind
     assert res['seconds_per_image'] > 0 and res['network_seconds'] > 0
+    assert res['nms_seconds'] > 0  # the detection NMS, timed apart
+    assert res['seconds_per_image'] == pytest.approx(
+        res['proposal_seconds'] + res['network_seconds'] + res['nms_seconds'])
     # Only R-CNN and Fast R-CNN spend time on selective search.
     assert (res['proposal_seconds'] > 0) == (kind != 'faster_rcnn'), kind
     assert 0 < res['proposals_per_image'] <= 40
@@ -242,6 +245,7 @@ def test_comparison_table_and_picture(trained, tmp_path):
   assert len(lines) == 5 and lines[2].startswith('| R-CNN |')
   assert '| 1.0x |' in lines[2]  # R-CNN against itself
   assert '250x' in lines[4]  # the lecture's Faster R-CNN speed-up
+  assert '| NMS |' in lines[0] and ' ms | in network |' not in table
   with pytest.raises(ConfigError, match='no config.json'):
     detection_report.comparison_table([str(tmp_path / 'nothing')])
   png = str(tmp_path / 'det.png')
@@ -249,7 +253,7 @@ def test_comparison_table_and_picture(trained, tmp_path):
     times = detection_report.time_side_by_side(works, num_images=2)
     # Selective search for R-CNN and Fast R-CNN only; every net takes time.
     assert [t[0] > 0 for t in times] == [True, True, False]
-    assert all(t[1] > 0 for t in times)
+    assert all(t[1] > 0 and t[2] > 0 for t in times)
     detection_report.draw_detections(works, png, num_images=2, min_score=0.0)
   with open(png, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'

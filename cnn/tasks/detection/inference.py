@@ -85,12 +85,10 @@ class Predictor:
         pooled = model.apply(v, crops, False, method=Detector.features)
         return head(v, pooled)
       self._crops = jax.jit(crops_fn)
-      self._post = jax.jit(post)
     elif spec.kind == 'fast_rcnn':
-      def fast_fn(v, image, rois, valid):
+      def fast_fn(v, image, rois):
         f = features(v, image)
-        logits, deltas = head(v, pool(f, rois[None], spec))
-        return post(rois, valid, logits, deltas)
+        return head(v, pool(f, rois[None], spec))
       self._fast = jax.jit(fast_fn)
     else:
       r = config.rpn
@@ -104,8 +102,11 @@ class Predictor:
             pre_nms=r.pre_nms_test, post_nms=r.post_nms_test,
             nms_iou=r.nms_iou, min_size=r.min_size)
         logits, d = head(v, pool(f, rois[None], spec))
-        return post(rois, valid, logits, d), (rois, valid)
+        return logits, d, rois, valid
       self._faster = jax.jit(faster_fn)
+    # The detection NMS (per class, then the top detections): its own call,
+    # so that its time is reported apart from the network's.
+    self._post = jax.jit(post)
 
   def proposals(self, image):
     """Selective search (or a baseline) on one image, padded to a fixed count."""
@@ -116,18 +117,20 @@ class Predictor:
     return boxes[0], valid
 
   def __call__(self, image):
-    """(boxes, scores, classes, rois, roi_valid, proposal_s, network_s)."""
+    """(boxes, scores, classes, rois, roi_valid, proposal_s, network_s,
+    nms_s). Faster R-CNN's proposals (the RPN, its NMS included) are part of
+    its network time; nms_s is the detection NMS of every detector."""
     t0 = time.perf_counter()
     if self.spec.kind == 'faster_rcnn':
-      (b, s, c), (rois, valid) = jax.block_until_ready(
+      logits, deltas, rois, valid = jax.block_until_ready(
           self._faster(self.variables, image))
       t1 = t0
     else:
       rois, valid = self.proposals(image)
       t1 = time.perf_counter()
       if self.spec.kind == 'fast_rcnn':
-        b, s, c = jax.block_until_ready(
-            self._fast(self.variables, image, rois, valid))
+        logits, deltas = jax.block_until_ready(
+            self._fast(self.variables, image, rois))
       else:
         n = int(valid.sum())
         logits = np.zeros((len(rois), self.spec.num_classes + 1), np.float32)
@@ -145,13 +148,13 @@ class Predictor:
           lo, de = self._crops(self.variables, image, part)
           logits[start:start + k] = np.asarray(lo)[:k]
           deltas[start:start + k] = np.asarray(de)[:k]
-        b, s, c = jax.block_until_ready(
-            self._post(rois, valid, logits, deltas))
     t2 = time.perf_counter()
+    b, s, c = jax.block_until_ready(self._post(rois, valid, logits, deltas))
+    t3 = time.perf_counter()
     b, s, c = np.asarray(b), np.asarray(s), np.asarray(c)
     keep = s > 0
     return (b[keep], s[keep], c[keep], np.asarray(rois),
-            np.asarray(valid), t1 - t0, t2 - t1)
+            np.asarray(valid), t1 - t0, t2 - t1, t3 - t2)
 
 
 class RPNProposer:
@@ -203,12 +206,13 @@ def evaluate(model, variables, data, config, spec: Spec) -> dict:
   predictor = Predictor(model, variables, config, spec)
   predictor(data.images[0])  # compile outside the timed loop
   detections, truths = [], []
-  prop_s = net_s = 0.0
+  prop_s = net_s = nms_s = 0.0
   hits = total = num_props = 0
   for i in range(len(data)):
-    b, s, c, rois, valid, tp, tn = predictor(data.images[i])
+    b, s, c, rois, valid, tp, tn, tm = predictor(data.images[i])
     prop_s += tp
     net_s += tn
+    nms_s += tm
     n = int(data.num_objects[i])
     gt_boxes, gt_classes = data.boxes[i][:n], data.classes[i][:n]
     detections.append({'boxes': b, 'scores': s, 'classes': c})
@@ -227,7 +231,8 @@ def evaluate(model, variables, data, config, spec: Spec) -> dict:
   n = len(data)
   out = {'map': float(res['map']),
          'proposal_seconds': prop_s / n, 'network_seconds': net_s / n,
-         'seconds_per_image': (prop_s + net_s) / n,
+         'nms_seconds': nms_s / n,
+         'seconds_per_image': (prop_s + net_s + nms_s) / n,
          'proposals_per_image': num_props / n,
          'proposal_recall': hits / max(total, 1),
          'detections_per_image': sum(len(d['scores']) for d in detections) / n,

@@ -44,7 +44,7 @@ def final_test(workdir: str) -> tuple[str, dict]:
 
 
 def time_side_by_side(workdirs, num_images: int) -> list[tuple[float, float]]:
-  """(proposal, network) seconds per image of each run's detector, measured
+  """(proposal, network, NMS) seconds per image of each run's detector, measured
   in one process on the same test canvases, the detectors taking turns on
   each image so that machine noise hits them alike."""
   predictors, data = [], None
@@ -55,11 +55,11 @@ def time_side_by_side(workdirs, num_images: int) -> list[tuple[float, float]]:
       data = run.data.evals['test']
   for p in predictors:
     p(data.images[0])  # compile outside the timed loop
-  totals = np.zeros((len(predictors), 2))
+  totals = np.zeros((len(predictors), 3))
   n = min(num_images, len(data))
   for image in data.images[:n]:
     for k, p in enumerate(predictors):
-      totals[k] += p(image)[5:7]
+      totals[k] += p(image)[5:8]
   return [tuple(t) for t in totals / n]
 
 
@@ -73,23 +73,26 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
   """
   rows = [final_test(w) for w in workdirs]
   if timing_images:
-    for (_, r), (tp, tn) in zip(rows, time_side_by_side(workdirs,
-                                                        timing_images)):
-      r.update(proposal_seconds=tp, network_seconds=tn,
-               seconds_per_image=tp + tn)
+    for (_, r), (tp, tn, tm) in zip(rows, time_side_by_side(workdirs,
+                                                            timing_images)):
+      r.update(proposal_seconds=tp, network_seconds=tn, nms_seconds=tm,
+               seconds_per_image=tp + tn + tm)
   base = next((r['seconds_per_image'] for k, r in rows if k == 'rcnn'), None)
   lines = ['| detector | mAP@0.5 | test time / image | proposals | network '
-           '| speed-up vs R-CNN | proposal recall@0.5 | lecture: time / image '
-           '| lecture: speed-up | lecture: mAP (VOC 2007) |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '| NMS | speed-up vs R-CNN | proposal recall@0.5 | lecture: time / '
+           'image | lecture: speed-up | lecture: mAP (VOC 2007) |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for kind, r in rows:
     t = r['seconds_per_image']
     speed = f'{base / t:.1f}x' if base else '-'
     lec_t, lec_map = LECTURE[kind]
+    # Runs recorded before NMS was timed apart have it in their network.
+    nms = (f'{r["nms_seconds"] * 1000:.1f} ms' if 'nms_seconds' in r
+           else 'in network')
     lines.append(
         f'| {NAMES[kind]} | {r["map"]:.3f} | {t * 1000:.1f} ms | '
         f'{r["proposal_seconds"] * 1000:.1f} ms | '
-        f'{r["network_seconds"] * 1000:.1f} ms | {speed} | '
+        f'{r["network_seconds"] * 1000:.1f} ms | {nms} | {speed} | '
         f'{r["proposal_recall"]:.3f} | {lec_t:g} s | '
         f'{LECTURE["rcnn"][0] / lec_t:.0f}x | {lec_map} |')
   return '\n'.join(lines)
