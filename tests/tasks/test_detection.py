@@ -238,6 +238,21 @@ def test_evaluate_checkpoint_of_a_detection_run(trained):
   assert 0.0 <= early['map'] <= 1.0
 
 
+def test_training_seconds_leave_out_the_evaluations(tmp_path):
+  rows = [('train', 2, 10.0), ('train', 4, 20.0), ('val', 4, 25.0),
+          ('test', 4, 27.0), ('train', 6, 37.0), ('val', 6, 40.0),
+          ('test', 6, 45.0)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    for split, step, wall in rows:
+      f.write(json.dumps({'split': split, 'step': step,
+                          'wall_seconds': wall}) + '\n')
+  # 37 s at step 6, less the 7 s of evaluation at step 4.
+  assert detection_report.training_seconds(str(tmp_path)) == (6, 30.0)
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:  # a run without a clock
+    f.write(json.dumps({'split': 'train', 'step': 2}) + '\n')
+  assert detection_report.training_seconds(str(tmp_path)) == (2, None)
+
+
 def test_comparison_table_and_picture(trained, tmp_path):
   works = [trained[k][0] for k in model_lib.KINDS]
   table = detection_report.comparison_table(works)
@@ -246,6 +261,7 @@ def test_comparison_table_and_picture(trained, tmp_path):
   assert '| 1.0x |' in lines[2]  # R-CNN against itself
   assert '250x' in lines[4]  # the lecture's Faster R-CNN speed-up
   assert '| NMS |' in lines[0] and ' ms | in network |' not in table
+  assert all(' min / 6 steps |' in line for line in lines[2:])
   with pytest.raises(ConfigError, match='no config.json'):
     detection_report.comparison_table([str(tmp_path / 'nothing')])
   png = str(tmp_path / 'det.png')

@@ -43,6 +43,25 @@ def final_test(workdir: str) -> tuple[str, dict]:
   return config['kind'], tests[-1]
 
 
+def training_seconds(workdir: str) -> tuple[int, float | None]:
+  """(steps, seconds of training) of a run: the run clock at its last
+  training record less the evaluations before it (each from the training
+  record of its step to the last held-out record of that step); None where
+  the run has no clock."""
+  records = metric_writers.read_metrics(workdir)
+  train = [r for r in records if r['split'] == 'train']
+  if not train or 'wall_seconds' not in train[-1]:
+    return (train[-1]['step'] if train else 0), None
+  at = {r['step']: r['wall_seconds'] for r in train}
+  evals = {}
+  for r in records:
+    if r['split'] != 'train' and r['step'] in at and 'wall_seconds' in r:
+      evals[r['step']] = max(evals.get(r['step'], 0.0),
+                             r['wall_seconds'] - at[r['step']])
+  last = train[-1]['step']
+  return last, at[last] - sum(v for k, v in evals.items() if k < last)
+
+
 def time_side_by_side(workdirs, num_images: int) -> list[tuple[float, float]]:
   """(proposal, network, NMS) seconds per image of each run's detector, measured
   in one process on the same test canvases, the detectors taking turns on
@@ -72,6 +91,7 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
   (`time_side_by_side`) on that many test canvases.
   """
   rows = [final_test(w) for w in workdirs]
+  training = [training_seconds(w) for w in workdirs]
   if timing_images:
     for (_, r), (tp, tn, tm) in zip(rows, time_side_by_side(workdirs,
                                                             timing_images)):
@@ -79,10 +99,12 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
                seconds_per_image=tp + tn + tm)
   base = next((r['seconds_per_image'] for k, r in rows if k == 'rcnn'), None)
   lines = ['| detector | mAP@0.5 | test time / image | proposals | network '
-           '| NMS | speed-up vs R-CNN | proposal recall@0.5 | lecture: time / '
-           'image | lecture: speed-up | lecture: mAP (VOC 2007) |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
-  for kind, r in rows:
+           '| NMS | speed-up vs R-CNN | proposal recall@0.5 | training '
+           '| lecture: time / image | lecture: speed-up | lecture: mAP (VOC '
+           '2007) |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for (kind, r), (steps, secs) in zip(rows, training):
+    trained = (f'{secs / 60:.1f} min / {steps} steps' if secs is not None
+               else f'? / {steps} steps')
     t = r['seconds_per_image']
     speed = f'{base / t:.1f}x' if base else '-'
     lec_t, lec_map = LECTURE[kind]
@@ -93,7 +115,7 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
         f'| {NAMES[kind]} | {r["map"]:.3f} | {t * 1000:.1f} ms | '
         f'{r["proposal_seconds"] * 1000:.1f} ms | '
         f'{r["network_seconds"] * 1000:.1f} ms | {nms} | {speed} | '
-        f'{r["proposal_recall"]:.3f} | {lec_t:g} s | '
+        f'{r["proposal_recall"]:.3f} | {trained} | {lec_t:g} s | '
         f'{LECTURE["rcnn"][0] / lec_t:.0f}x | {lec_map} |')
   return '\n'.join(lines)
 
