@@ -62,7 +62,8 @@ def training_seconds(workdir: str) -> tuple[int, float | None]:
   return last, at[last] - sum(v for k, v in evals.items() if k < last)
 
 
-def time_side_by_side(workdirs, num_images: int) -> list[tuple[float, float]]:
+def time_side_by_side(workdirs, num_images: int
+                      ) -> list[tuple[float, float, float]]:
   """(proposal, network, NMS) seconds per image of each run's detector, measured
   in one process on the same test canvases, the detectors taking turns on
   each image so that machine noise hits them alike."""
