@@ -30,6 +30,58 @@ def _bin_edges(start, end, bins: int, limit: int):
   return jnp.clip(lo, 0, limit), jnp.clip(hi, 0, limit)
 
 
+def _first_max(a, b):
+  """Of two (value, flat index) candidates, the larger value; on a tie the
+  smaller index (the first in row-major order, as Caffe's argmax)."""
+  (av, ai), (bv, bi) = a, b
+  take_b = (bv > av) | ((bv == av) & (bi < ai))
+  return jnp.where(take_b, bv, av), jnp.where(take_b, bi, ai)
+
+
+def _shifted(x, by: int, axis: int, fill):
+  """x moved `by` cells towards index 0 along `axis`, the end filled."""
+  by = min(by, x.shape[axis])
+  kept = jax.lax.slice_in_dim(x, by, x.shape[axis], axis=axis)
+  padding = [(0, 0, 0)] * x.ndim
+  padding[axis] = (0, by, 0)
+  return jax.lax.pad(kept, jnp.array(fill, x.dtype), padding)
+
+
+def _next_level(entry, half: int, axis: int, neg, big):
+  """One doubling of the ranges along `axis`. The barrier keeps XLA from
+  fusing each level into the next, which recomputed every earlier level once
+  for the values and once for the indices (4x slower on CPU)."""
+  v, i = entry
+  return jax.lax.optimization_barrier(_first_max(
+      (v, i), (_shifted(v, half, axis, neg), _shifted(i, half, axis, big))))
+
+
+def _levels(n: int) -> int:
+  return max(n, 1).bit_length()  # levels 0 .. floor(log2 n)
+
+
+def _sparse_table(values, index):
+  """Range-maximum tables of a (H, W, C) map: entry [ky, kx, y, x] is the
+  first maximum (value, flat index) over rows [y, y + 2**ky) and columns
+  [x, x + 2**kx), for every ky <= log2 H, kx <= log2 W (entries whose range
+  leaves the map are never read)."""
+  height, width = values.shape[:2]
+  neg = jnp.array(-jnp.inf, values.dtype)
+  big = jnp.array(height * width, index.dtype)
+  row = [(values, index)]
+  for k in range(1, _levels(width)):
+    row.append(_next_level(row[-1], 2 ** (k - 1), 1, neg, big))
+  table = [[entry] for entry in row]  # [kx][ky]
+  for column in table:
+    for k in range(1, _levels(height)):
+      column.append(_next_level(column[-1], 2 ** (k - 1), 0, neg, big))
+  v = jnp.stack([jnp.stack([c[ky][0] for c in table])
+                 for ky in range(_levels(height))])
+  i = jnp.stack([jnp.stack([c[ky][1] for c in table])
+                 for ky in range(_levels(height))])
+  return v, i  # (LH, LW, H, W, C)
+
+
 def _roi_max_pool(features, rois, output_size, spatial_scale):
   """`roi_max_pool` for one image: (H, W, C), (R, 4) -> (R, ph, pw, C)."""
   features = jnp.asarray(features)
@@ -43,30 +95,37 @@ def _roi_max_pool(features, rois, output_size, spatial_scale):
   x0, y0, x1, y1 = (v.astype(jnp.int32) for v in (x0, y0, x1, y1))
   xlo, xhi = _bin_edges(x0, x1, pw, width)  # (R, pw)
   ylo, yhi = _bin_edges(y0, y1, ph, height)  # (R, ph)
-  cols, rows = jnp.arange(width), jnp.arange(height)
-  in_x = (cols >= xlo[..., None]) & (cols < xhi[..., None])  # (R, pw, W)
-  in_y = (rows >= ylo[..., None]) & (rows < yhi[..., None])  # (R, ph, H)
 
   # Only the location of each bin's maximum is found here; the values are then
   # gathered from `features`, so autodiff routes each bin's gradient to one
   # cell (Caffe's argmax: the first maximum in row-major order) through a
   # gather, with no -inf or tie arithmetic on the backward pass.
-  masked = jax.lax.stop_gradient(features)
-  neg = jnp.array(-jnp.inf, masked.dtype)
-  # Max over each bin's column range, for every row: (R, pw, H, C). XLA fuses
-  # the select into the reductions, so (R, pw, H, W, C) is never stored (on
-  # CPU, R=64, 7x7 bins, a 38x50x256 map: 38 MB of temporaries, not 870 MB).
-  along_x = jnp.where(in_x[:, :, None, :, None], masked[None, None], neg)
-  row_max = along_x.max(axis=3)
-  row_argmax = along_x.argmax(axis=3)
-  # Then over the bin's row range: the first row holding the maximum.
-  along_y = jnp.where(in_y[:, :, None, :, None], row_max[:, None], neg)
-  best_row = along_y.argmax(axis=3)  # (R, ph, pw, C)
-  row_argmax = jnp.broadcast_to(row_argmax[:, None],
-                                (len(rois), ph) + row_argmax.shape[1:])
-  best_col = jnp.take_along_axis(row_argmax, best_row[..., None, :],
-                                 axis=3)[..., 0, :]
-  out = features[best_row, best_col, jnp.arange(channels)]
+  # The maximum over a bin of n cells is that of two overlapping ranges of
+  # 2**floor(log2 n) cells (per axis, so four table entries), read from a
+  # sparse table of the map: the work is the table, (log2 H + 1)(log2 W + 1)
+  # maps, plus four gathers per bin, however many rois there are.
+  flat = jnp.arange(height * width, dtype=jnp.int32).reshape(height, width)
+  flat = jnp.broadcast_to(flat[..., None], features.shape)
+  table_v, table_i = _sparse_table(jax.lax.stop_gradient(features), flat)
+  log2 = lambda n: jnp.array([max(m, 1).bit_length() - 1
+                              for m in range(max(height, width) + 1)],
+                             jnp.int32)[n]
+
+  def ends(lo, hi):  # the two overlapping power-of-two ranges of each bin
+    n = jnp.maximum(hi - lo, 1)
+    k = log2(n)
+    last = jnp.maximum(hi - 2 ** k, lo)
+    return k, lo, last
+
+  ky, ya, yb = (v[:, :, None] for v in ends(ylo, yhi))  # (R, ph, 1)
+  kx, xa, xb = (v[:, None, :] for v in ends(xlo, xhi))  # (R, 1, pw)
+  clip_y = lambda y: jnp.clip(y, 0, height - 1)
+  clip_x = lambda x: jnp.clip(x, 0, width - 1)
+  at = lambda y, x: (table_v[ky, kx, clip_y(y), clip_x(x)],
+                     table_i[ky, kx, clip_y(y), clip_x(x)])  # (R, ph, pw, C)
+  best = _first_max(_first_max(at(ya, xa), at(ya, xb)),
+                    _first_max(at(yb, xa), at(yb, xb)))[1]
+  out = features.reshape(height * width, channels)[best, jnp.arange(channels)]
   empty = ((xhi <= xlo)[:, None, :] | (yhi <= ylo)[:, :, None])[..., None]
   return jnp.where(empty, jnp.zeros((), out.dtype), out)
 
@@ -85,11 +144,15 @@ def roi_max_pool(features, rois, output_size: tuple[int, int],
   [0, W] (likewise rows); a bin with no cell on the map outputs 0. Bins may
   overlap, as in Caffe.
 
-  The max is separable: over each bin's columns for every row, then over its
-  rows, so intermediates are about R * pw * H * C (plus a fused, never stored
-  R * pw * H * W * C select). The value is gathered at the argmax, so the
-  gradient goes to a single cell per bin and channel (the first maximum in
-  row-major order, like Caffe's backward); empty bins get none.
+  Each bin's maximum is read from a sparse table of the map (range maxima
+  over 2**ky x 2**kx cells, with the first arg-max): four overlapping
+  power-of-two ranges cover any bin exactly, so the cost is the table,
+  (log2 H + 1)(log2 W + 1) maps, plus four gathers per bin, independent of
+  the rois' sizes (on a 32x32x64 map with 2,000 rois and 4x4 bins, 40x
+  faster than the earlier masked max over R * pw * H * W * C). The value is
+  gathered at the argmax, so the gradient goes to a single cell per bin and
+  channel (the first maximum in row-major order, like Caffe's backward);
+  empty bins get none.
 
   Args:
     features: (H, W, C) or (B, H, W, C) feature map.

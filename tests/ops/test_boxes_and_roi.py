@@ -326,6 +326,30 @@ def test_roi_max_pool_ties_route_gradient_to_first_maximum():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_roi_max_pool_large_bins_with_ties_match_caffe_loop():
+  # Bins of 1 to 17 cells on a 19 x 37 map (not powers of two), so each bin's
+  # maximum comes from two overlapping power-of-two ranges per axis; few
+  # distinct values, so the overlap holds ties whose gradient must still go
+  # to the first maximum in row-major order.
+  rng = np.random.default_rng(8)
+  features = rng.integers(0, 4, (19, 37, 2)).astype(np.float32)
+  corners = rng.uniform(-8, 140, (40, 2))
+  sizes = rng.uniform(1, 150, (40, 2))
+  rois = np.concatenate([corners, sizes], axis=1).astype(np.float32)
+  g = rng.normal(size=(len(rois), 2, 3, 2)).astype(np.float32)
+
+  @jax.jit
+  def pool_and_grad(f):
+    out, vjp = jax.vjp(lambda f: roi.roi_max_pool(f, rois, (2, 3), 0.25), f)
+    return out, vjp(g)[0]
+
+  out, grad = pool_and_grad(features)
+  want, arg = roi_pool_reference(features, rois, (2, 3), 0.25)
+  np.testing.assert_array_equal(out, want)
+  np.testing.assert_allclose(grad, routed_gradient(features.shape, arg, g),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_roi_max_pool_batched_is_per_image():
   rng = np.random.default_rng(7)
   features = rng.normal(size=(2, 9, 7, 4)).astype(np.float32)
