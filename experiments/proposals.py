@@ -167,6 +167,14 @@ def main(argv):
     from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
     split = _SPLIT.value if _SPLIT.value != 'test' or _DATASET.value != (
         'coco128') else 'validation'
+    if _RPN.value:  # before the photos load: the flag's error comes first
+      from cnn.training import run_folder  # pylint: disable=g-import-not-at-top
+      if run_folder.read_config(_RPN.value) is None:
+        raise ConfigError(
+            f'--rpn={_RPN.value} holds no training run (no config.json); '
+            'give the folder of a faster_rcnn run: python -m experiments.'
+            'train --config=configs/detection.py:faster_rcnn,raccoon '
+            '--workdir=DIR')
     data = objects.load_objects(_DATASET.value, split, _DATA_DIR.value,
                                 shorter_side=_SHORTER.value,
                                 limit=_NUM_IMAGES.value)

@@ -264,3 +264,17 @@ def test_proposal_recall_on_real_photographs():
     assert at5 == sorted(at5) and at7 == sorted(at7)  # more boxes, more recall
     assert all(a >= b for a, b in zip(at5, at7))  # 0.7 is stricter
   assert '2 photos of coco128/validation, shorter side 128' in out.stdout
+
+
+def test_proposals_rpn_flag_without_a_run_fails_with_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.proposals', '--dataset=coco128',
+       f'--rpn={tmp_path}/nothing'], cwd=str(ROOT), capture_output=True,
+      text=True, check=False)
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, out.stderr[-2000:]
+  assert f'--rpn={tmp_path}/nothing holds no training run' in lines[0]
+  assert 'faster_rcnn' in lines[0]
