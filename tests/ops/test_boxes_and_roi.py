@@ -306,24 +306,32 @@ def test_roi_max_pool_corner_rounding_is_half_away_from_zero():
   assert float(out[0, 0, 0, 0]) == 3.
 
 
+def check_pool_and_gradient_against_loop(features, rois, size, rng):
+  """roi_max_pool (scale 1/4) and its gradient for a random output gradient
+  equal the Caffe-style loop's; returns the gradient."""
+  g = rng.normal(size=(len(rois), *size, features.shape[-1])).astype(
+      np.float32)
+
+  @jax.jit
+  def pool_and_grad(f):
+    out, vjp = jax.vjp(lambda f: roi.roi_max_pool(f, rois, size, 0.25), f)
+    return out, vjp(g)[0]
+
+  out, grad = pool_and_grad(features)
+  want, arg = roi_pool_reference(features, rois, size, 0.25)
+  np.testing.assert_array_equal(out, want)
+  np.testing.assert_allclose(grad, routed_gradient(features.shape, arg, g),
+                             rtol=1e-5, atol=1e-6)
+  return grad
+
+
 def test_roi_max_pool_ties_route_gradient_to_first_maximum():
   rng = np.random.default_rng(6)
   # ReLU-like features: many equal zeros.
   features = np.maximum(rng.integers(-2, 2, (9, 7, 2)), 0).astype(np.float32)
   rois = sample_rois()
-  g = rng.normal(size=(len(rois), 3, 2, 2)).astype(np.float32)
-
-  @jax.jit
-  def pool_and_grad(f):
-    out, vjp = jax.vjp(lambda f: roi.roi_max_pool(f, rois, (3, 2), 0.25), f)
-    return out, vjp(g)[0]
-
-  out, grad = pool_and_grad(features)
-  want, arg = roi_pool_reference(features, rois, (3, 2), 0.25)
-  np.testing.assert_array_equal(out, want)
+  grad = check_pool_and_gradient_against_loop(features, rois, (3, 2), rng)
   assert np.all(np.isfinite(grad))
-  np.testing.assert_allclose(grad, routed_gradient(features.shape, arg, g),
-                             rtol=1e-5, atol=1e-6)
 
 
 def test_roi_max_pool_large_bins_with_ties_match_caffe_loop():
@@ -336,18 +344,7 @@ def test_roi_max_pool_large_bins_with_ties_match_caffe_loop():
   corners = rng.uniform(-8, 140, (40, 2))
   sizes = rng.uniform(1, 150, (40, 2))
   rois = np.concatenate([corners, sizes], axis=1).astype(np.float32)
-  g = rng.normal(size=(len(rois), 2, 3, 2)).astype(np.float32)
-
-  @jax.jit
-  def pool_and_grad(f):
-    out, vjp = jax.vjp(lambda f: roi.roi_max_pool(f, rois, (2, 3), 0.25), f)
-    return out, vjp(g)[0]
-
-  out, grad = pool_and_grad(features)
-  want, arg = roi_pool_reference(features, rois, (2, 3), 0.25)
-  np.testing.assert_array_equal(out, want)
-  np.testing.assert_allclose(grad, routed_gradient(features.shape, arg, g),
-                             rtol=1e-5, atol=1e-6)
+  check_pool_and_gradient_against_loop(features, rois, (2, 3), rng)
 
 
 def test_roi_max_pool_batched_is_per_image():
