@@ -128,6 +128,18 @@ def convert(image: np.ndarray, bbox: np.ndarray, labels: np.ndarray,
                    np.array([nw / w, nh / h], np.float32))
 
 
+def letterbox(image: np.ndarray, side: int):
+  """One photo as the detection task sees photographs: resized (aspect
+  kept) so its longer side is `side`, at the top-left of a black side x side
+  image (`convert` with shorter_side = max_side = side, then `batch` with
+  shape (side, side)). Returns (canvas, (h, w) of the resized photo)."""
+  image = np.asarray(image, np.uint8)
+  nh, nw = resized_shape(image.shape[0], image.shape[1], side, side)
+  canvas = np.zeros((side, side) + image.shape[2:], np.uint8)
+  canvas[:nh, :nw] = resize(image, nh, nw)
+  return canvas, (nh, nw)
+
+
 def _one_line(error: Exception) -> str:
   """TensorFlow's op error as one short line, without its op decorations."""
   text = getattr(error, 'message', None) or str(error)

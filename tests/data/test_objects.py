@@ -67,6 +67,19 @@ def test_convert_keeps_a_photo_without_boxes():
   assert out.boxes.shape == (0, 4) and out.labels.shape == (0,)
 
 
+def test_letterbox_is_convert_then_a_square_batch_slot():
+  # A tall and a wide photo: the longer side becomes the canvas side, the
+  # photo sits top-left, the rest is black, as the task's training batches.
+  for image in (_wide(), _wide().transpose(1, 0, 2)):
+    canvas, (nh, nw) = objects.letterbox(image, 64)
+    assert canvas.shape == (64, 64, 3) and canvas.dtype == np.uint8
+    assert max(nh, nw) == 64 and (nh, nw) == tuple(
+        round(s * 64 / max(image.shape[:2])) for s in image.shape[:2])
+    want = objects.convert(image, [], [], shorter_side=64, max_side=64).image
+    np.testing.assert_array_equal(canvas[:nh, :nw], want)
+    assert not canvas[nh:].any() and not canvas[:, nw:].any()
+
+
 def test_decode_names_the_dataset_and_example_of_a_corrupt_image():
   feature = tfds.features.Image(shape=(None, None, 3))
   good = _jpeg(_wide())

@@ -53,6 +53,23 @@ def postprocess(rois, valid, logits, deltas, *, canvas: int,
           classes.reshape(-1)[idx].astype(jnp.int32))
 
 
+def image_features(model: Detector, v, image):
+  """The trunk's feature map of one uint8 image (a batch of one)."""
+  return model.apply(v, preprocess(image)[None], False,
+                     method=Detector.features)
+
+
+def rpn_boxes(model: Detector, v, f, anchors, canvas: int, r, pre_nms: int,
+              post_nms: int):
+  """The RPN's proposals on feature map `f` (batch of one): (rois (post_nms,
+  4) x, y, w, h on the canvas, valid (post_nms,)); `r` is config.rpn."""
+  obj, deltas = model.apply(v, f, method=Detector.propose)
+  rois, valid, _ = rpn_proposals(
+      obj[0], deltas[0], anchors, canvas=canvas, pre_nms=pre_nms,
+      post_nms=post_nms, nms_iou=r.nms_iou, min_size=r.min_size)
+  return rois, valid
+
+
 class Predictor:
   """Detections for one image at a time, timed the way they would be served.
 
@@ -71,10 +88,6 @@ class Predictor:
         per_class=te.per_class, max_detections=te.max_detections)
     self.chunk = int(te.rcnn_chunk)
 
-    def features(v, image):
-      return model.apply(v, preprocess(image)[None], False,
-                         method=Detector.features)
-
     def head(v, pooled):
       return model.apply(v, pooled, method=Detector.classify)
 
@@ -87,7 +100,7 @@ class Predictor:
       self._crops = jax.jit(crops_fn)
     elif spec.kind == 'fast_rcnn':
       def fast_fn(v, image, rois):
-        f = features(v, image)
+        f = image_features(model, v, image)
         return head(v, pool(f, rois[None], spec))
       self._fast = jax.jit(fast_fn)
     else:
@@ -95,12 +108,9 @@ class Predictor:
       anchors = jnp.asarray(spec.anchors)
 
       def faster_fn(v, image):
-        f = features(v, image)
-        obj, deltas = model.apply(v, f, method=Detector.propose)
-        rois, valid, _ = rpn_proposals(
-            obj[0], deltas[0], anchors, canvas=spec.canvas,
-            pre_nms=r.pre_nms_test, post_nms=r.post_nms_test,
-            nms_iou=r.nms_iou, min_size=r.min_size)
+        f = image_features(model, v, image)
+        rois, valid = rpn_boxes(model, v, f, anchors, spec.canvas, r,
+                                r.pre_nms_test, r.post_nms_test)
         logits, d = head(v, pool(f, rois[None], spec))
         return logits, d, rois, valid
       self._faster = jax.jit(faster_fn)
@@ -176,23 +186,16 @@ class RPNProposer:
     r, anchors = config.rpn, jnp.asarray(spec.anchors)
 
     def fn(v, image):
-      f = model.apply(v, preprocess(image)[None], False,
-                      method=Detector.features)
-      obj, deltas = model.apply(v, f, method=Detector.propose)
-      boxes, valid, _ = rpn_proposals(
-          obj[0], deltas[0], anchors, canvas=spec.canvas,
-          pre_nms=int(anchors.shape[0]), post_nms=post_nms,
-          nms_iou=r.nms_iou, min_size=r.min_size)
-      return boxes, valid
+      # Every anchor scored before NMS: a proposal method, not a detector.
+      return rpn_boxes(model, v, image_features(model, v, image), anchors,
+                       spec.canvas, r, int(anchors.shape[0]), post_nms)
     self._fn = jax.jit(fn)
 
   def __call__(self, photo: np.ndarray):
     from cnn.data import objects  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
     h, w = photo.shape[:2]
-    nh, nw = objects.resized_shape(h, w, self.canvas, self.canvas)
-    canvas = np.zeros((self.canvas, self.canvas, 3), np.uint8)
-    canvas[:nh, :nw] = objects.resize(photo, nh, nw)
+    canvas, (nh, nw) = objects.letterbox(photo, self.canvas)
     boxes, valid = jax.block_until_ready(self._fn(self.variables, canvas))
     boxes = np.asarray(boxes)[np.asarray(valid)].astype(np.float64)
     boxes[:, [0, 2]] *= w / nw
