@@ -276,7 +276,10 @@ def mean_std(values, digits: int = 1) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-  """A Markdown table of summary rows (errors in %, other metrics as is)."""
+  """A Markdown table of summary rows (errors in %, other metrics as is),
+  then a mean ± std row for each set of finished members that differ only by
+  their seed suffix (`seed_group`); none pools members of different
+  settings."""
   metric = rows[0]['metric'] if rows else 'error'
   as_pct = metric.endswith('error')
 
@@ -296,16 +299,32 @@ def format_table(rows: list[dict]) -> str:
         f"| {r['member']} | {r['status']} | {r['step']}/{r['total']} | "
         f"{train} | {fmt(r['held_out'])} | "
         f"{fmt(r['best'])} | {r['note'].replace('|', '/')} |")
-  done = [r for r in rows if r['held_out'] == r['held_out']]
-  if len(done) > 1:
-    def stat(key):
+  groups = {}  # members that differ only by their seed suffix, in order
+  for r in rows:
+    if r['held_out'] == r['held_out'] and seed_group(r['member']) is not None:
+      groups.setdefault(seed_group(r['member']), []).append(r)
+  for name, done in groups.items():
+    if len(done) < 2:
+      continue
+
+    def stat(key, done=done):
       v = [r[key] for r in done if r[key] == r[key]]
-      if not v:
+      if len(v) < 2:
         return '-'
-      scale = 1.0 if rows[0].get('train_key') and key == 'train' else (
-          100.0 if as_pct else 1.0)
-      return (f'{scale * statistics.mean(v):.2f} ± '
-              f'{scale * statistics.stdev(v):.2f}')
-    lines.append(f'| mean ± std ({len(done)}) | | | {stat("train")} | '
+      loss = rows[0].get('train_key') and key == 'train'
+      scale, d = (100.0, 2) if as_pct and not loss else (1.0, 4)
+      return (f'{scale * statistics.mean(v):.{d}f} ± '
+              f'{scale * statistics.stdev(v):.{d}f}')
+    label = f'mean ± std {name} ({len(done)})' if name and len(groups) > 1 \
+        else f'mean ± std ({len(done)})'
+    lines.append(f'| {label} | | | {stat("train")} | '
                  f'{stat("held_out")} | {stat("best")} | |')
   return '\n'.join(lines)
+
+
+def seed_group(member: str) -> str | None:
+  """A member's name without its seed suffix (`lenet5_s1` -> `lenet5`,
+  `s1` -> ''): the members one mean ± std row pools. None without a suffix
+  (such a member pools with no other)."""
+  m = re.fullmatch(r'(?:(.*)_)?s\d+', member)
+  return (m.group(1) or '') if m else None

@@ -1,6 +1,7 @@
 """Sweeps: member expansion and naming, dry-run, skip/resume/failure on real
 tiny runs (tfds mock data), worker subprocesses."""
 import json
+import math
 import os
 import shutil
 import types
@@ -255,6 +256,28 @@ def test_the_table_ends_with_mean_and_std_over_members():
   assert [n for n, _ in mnist.sweep('lenet5')] == [
       'lenet5_s0', 'lenet5_s1', 'lenet5_s2']
   assert mnist.get_config('lenet5,seeds=2').model == 'lenet5'
+
+
+def test_the_mean_rows_pool_only_members_that_differ_by_seed():
+  # Two settings x two seeds, a setting with one finished seed, and a member
+  # without a seed suffix: a mean over all of them would mix settings.
+  values = {'fast_scratch_s0': 0.70, 'fast_scratch_s1': 0.80,
+            'fast_pretrained_s0': 0.75, 'fast_pretrained_s1': 0.85,
+            'faster_scratch_s0': 0.60, 'faster_scratch_s1': math.nan,
+            'baseline': 0.10}
+  rows = [{'member': n, 'status': 'done', 'step': 4, 'total': 4,
+           'metric': 'map', 'train': 0.5, 'held_out': v, 'best': v,
+           'note': ''} for n, v in values.items()]
+  means = [l for l in sweeps.format_table(rows).splitlines()
+           if l.startswith('| mean')]
+  assert means == [
+      '| mean ± std fast_scratch (2) | | | 0.5000 ± 0.0000 | '
+      '0.7500 ± 0.0707 | 0.7500 ± 0.0707 | |',
+      '| mean ± std fast_pretrained (2) | | | 0.5000 ± 0.0000 | '
+      '0.8000 ± 0.0707 | 0.8000 ± 0.0707 | |']
+  assert [sweeps.seed_group(n) for n in ('lenet5_s2', 's0', 'plain20',
+                                         'a_s1x', 'resnet_s12')] == [
+      'lenet5', '', None, None, 'resnet']
 
 
 def test_mean_std_uses_the_sample_std():
