@@ -358,6 +358,21 @@ def test_detector_starts_from_a_pretrained_det_trunk_classifier(tmp_path):
                              fresh['params'], fresh['batch_stats'])
 
 
+@requires_shared('coco128')
+def test_coco128_preset_trains_and_tests_on_disjoint_photos():
+  c = det_configs.get_config('fast_rcnn,coco128')
+  c.data_dir = str(SHARED_TFDS)
+  from cnn.data import objects  # pylint: disable=g-import-not-at-top
+  train = objects.load_objects(c.dataset, c.train_split, c.data_dir,
+                               shorter_side=64, max_side=64,
+                               limit=c.train_examples)
+  test = objects.load_objects(c.dataset, c.test_split, c.data_dir,
+                              shorter_side=64, max_side=64)
+  assert (len(train.images), len(test.images)) == (96, 32)
+  assert not set(train.filenames) & set(test.filenames)
+  assert c.val_examples == 0 and det_task.num_classes(c) == 80
+
+
 @requires_shared('raccoon')
 def test_faster_rcnn_on_real_raccoon_photographs(tmp_path, monkeypatch):
   c = det_configs.get_config('faster_rcnn,raccoon,local')

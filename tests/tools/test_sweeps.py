@@ -82,8 +82,13 @@ def test_detection_study_members_share_one_proposal_cache():
   # The synthetic canvases start from the CIFAR-10 det_trunk instead.
   assert dict(detection.sweep('rcnn'))['rcnn_pretrained_s0'][
       'init_from'] == 'runs/det_trunk'
+  # coco128 photos start from the Tiny ImageNet trunk too.
+  assert dict(detection.sweep('rcnn,coco128'))['rcnn_pretrained_s0'][
+      'init_from'] == 'runs/tin_det_trunk'
   with pytest.raises(ValueError, match='unknown preset'):
     detection.sweep('fast_rcnn,racoon')
+  with pytest.raises(ValueError, match="',raccoon' or ',coco128'"):
+    detection.get_config('fast_rcnn,raccoon,coco128')
 
 
 def test_lr_schedule_members_override_nested_fields():
