@@ -15,6 +15,7 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 import orbax.checkpoint as ocp
 
 from cnn.errors import CheckpointError
@@ -179,9 +180,12 @@ class Checkpointer:
     checkpoint of 8 GPUs loads on one CPU: `init_from`, plots)."""
     path = os.path.join(self.directory, str(step), 'state')
     try:
-      metadata = ocp.StandardCheckpointer().metadata(path)
-      tree = getattr(metadata, 'item_metadata', metadata)
-      tree = getattr(tree, 'tree', tree)
+      # The item's own handler: it reads the `state` folder, which has no
+      # step metadata of its own (StandardCheckpointer().metadata would warn
+      # that _CHECKPOINT_METADATA is missing there).
+      metadata = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(os.path.abspath(path)))
+      tree = getattr(metadata, 'tree', metadata)
       here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
