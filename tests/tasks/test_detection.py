@@ -151,6 +151,33 @@ def test_postprocess_decodes_class_boxes_and_suppresses_duplicates():
                              atol=1e-4)
 
 
+def test_postprocess_on_each_class_s_best_boxes_equals_all_boxes():
+  # Many overlapping proposals, 6 classes, scores with many exact ties
+  # (30 distinct logit rows): NMS on each class's `candidates` best boxes
+  # gives the same detections as NMS on all 300 when every class's boxes
+  # above the threshold fit, and falls back to all 300 when they do not.
+  rng = np.random.default_rng(0)
+  n, k = 300, 6
+  xy = rng.uniform(0, 48, (n, 2))
+  rois = jnp.asarray(np.concatenate([xy, rng.uniform(4, 16, (n, 2))], 1),
+                     jnp.float32)
+  valid = jnp.asarray(rng.random(n) < 0.9)
+  logits = jnp.asarray(rng.normal(0, 2, (30, k + 1))[
+      rng.integers(0, 30, n)], jnp.float32)
+  deltas = jnp.asarray(rng.normal(0, 0.1, (n, k, 4)), jnp.float32)
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))[:, 1:]
+  for threshold, candidates in ((0.5, 64), (0.05, 16)):
+    most = int((probs[np.asarray(valid)] > threshold).sum(axis=0).max())
+    assert (most <= candidates) == (threshold == 0.5), most
+    got, want = (inference.postprocess(
+        rois, valid, logits, deltas, canvas=64, score_threshold=threshold,
+        nms_iou=0.3, per_class=60, max_detections=6 * 60, candidates=c)
+        for c in (candidates, 0))
+    assert (np.asarray(want[1]) > 0).sum() >= 20
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_config_errors_are_one_line():
   with pytest.raises(ValueError, match='unknown preset'):
     det_configs.get_config('yolo')
