@@ -136,6 +136,9 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.inference.per_class = 20
   c.inference.max_detections = 50
   c.inference.rcnn_chunk = 64  # R-CNN: proposals per network call
+  # Per-class NMS on each class's best 256 boxes when they hold all boxes
+  # above score_threshold (the same detections; 0: always on all boxes).
+  c.inference.nms_candidates = 256
 
   # init_from: a `det_trunk` CIFAR classification run whose trunk and FC
   # layers the detector starts from (the lecture's "pretrain on

@@ -8,7 +8,9 @@ Prints a markdown table of each run's final test record (written by
 the test canvases, proposal recall) with the time per image measured again
 side by side in this process (`--timing_images`), beside the lecture's table
 (VOC 2007: 50 s / 2 s / 0.2 s per image, 1x / 25x / 250x).
-With --picture, draws detections of each run on the first test canvases.
+With --picture, draws detections of each run on the first test canvases;
+with --compare_nms_candidates=0,256, times the detection NMS of the first
+run both ways side by side (`inference.postprocess`).
 """
 from absl import app
 from absl import flags
@@ -24,6 +26,11 @@ _TIMING = flags.DEFINE_integer(
 _IMAGES = flags.DEFINE_integer('images', 4, 'Test canvases in the picture.')
 _MIN_SCORE = flags.DEFINE_float('min_score', 0.3, 'Draw detections scoring '
                                 'at least this.')
+_NMS = flags.DEFINE_list(
+    'compare_nms_candidates', None, 'Also time the detection NMS of the '
+    'first run with each of these inference.nms_candidates (e.g. 0,256), '
+    'side by side on the same network outputs of --timing_images test '
+    'canvases, and check that their detections are equal.')
 flags.mark_flags_as_required(['workdirs'])
 
 
@@ -35,6 +42,10 @@ def main(argv):
   def run():
     print(detection_report.comparison_table(_WORKDIRS.value,
                                                 _TIMING.value))
+    if _NMS.value:
+      print(detection_report.compare_nms(
+          _WORKDIRS.value[0], [int(c) for c in _NMS.value],
+          _TIMING.value or 100))
     if _PICTURE.value:
       detection_report.draw_detections(_WORKDIRS.value, _PICTURE.value,
                                        _IMAGES.value, _MIN_SCORE.value)

@@ -298,6 +298,12 @@ def test_comparison_table_and_picture(trained, tmp_path):
     assert [t[0] > 0 for t in times] == [True, True, False]
     assert all(t[1] > 0 and t[2] > 0 for t in times)
     detection_report.draw_detections(works, png, num_images=2, min_score=0.0)
+    # The NMS both ways on one run's outputs: a row per value, same
+    # detections (the exactness itself is tested on postprocess above).
+    nms = detection_report.compare_nms(works[1], [0, 1], num_images=2)
+  rows = nms.splitlines()[2:]
+  assert [r.split(' | ')[0] for r in rows] == ['| 0', '| 1']
+  assert rows[0].endswith('| 1.00x | yes |') and rows[1].endswith('| yes |')
   with open(png, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 

@@ -108,10 +108,12 @@ class Predictor:
     self.config = config
     p, te = config.proposals, config.inference
     self.num_proposals = int(p.test_per_image)
-    post = functools.partial(
-        postprocess, canvas=spec.canvas,
-        score_threshold=te.score_threshold, nms_iou=te.nms_iou,
-        per_class=te.per_class, max_detections=te.max_detections)
+    self.post_kwargs = dict(
+        canvas=spec.canvas, score_threshold=te.score_threshold,
+        nms_iou=te.nms_iou, per_class=te.per_class,
+        max_detections=te.max_detections,
+        candidates=int(te.get('nms_candidates', 256)))
+    post = functools.partial(postprocess, **self.post_kwargs)
     self.chunk = int(te.rcnn_chunk)
 
     def head(v, pooled):
@@ -156,6 +158,18 @@ class Predictor:
     """(boxes, scores, classes, rois, roi_valid, proposal_s, network_s,
     nms_s). Faster R-CNN's proposals (the RPN, its NMS included) are part of
     its network time; nms_s is the detection NMS of every detector."""
+    rois, valid, logits, deltas, t_prop, t_net = self.network(image)
+    t2 = time.perf_counter()
+    b, s, c = jax.block_until_ready(self._post(rois, valid, logits, deltas))
+    t3 = time.perf_counter()
+    b, s, c = np.asarray(b), np.asarray(s), np.asarray(c)
+    keep = s > 0
+    return (b[keep], s[keep], c[keep], np.asarray(rois),
+            np.asarray(valid), t_prop, t_net, t3 - t2)
+
+  def network(self, image):
+    """What the detection NMS starts from: (rois, roi_valid, logits,
+    deltas, proposal_s, network_s)."""
     t0 = time.perf_counter()
     if self.spec.kind == 'faster_rcnn':
       logits, deltas, rois, valid = jax.block_until_ready(
@@ -185,12 +199,7 @@ class Predictor:
           logits[start:start + k] = np.asarray(lo)[:k]
           deltas[start:start + k] = np.asarray(de)[:k]
     t2 = time.perf_counter()
-    b, s, c = jax.block_until_ready(self._post(rois, valid, logits, deltas))
-    t3 = time.perf_counter()
-    b, s, c = np.asarray(b), np.asarray(s), np.asarray(c)
-    keep = s > 0
-    return (b[keep], s[keep], c[keep], np.asarray(rois),
-            np.asarray(valid), t1 - t0, t2 - t1, t3 - t2)
+    return rois, valid, logits, deltas, t1 - t0, t2 - t1
 
 
 class RPNProposer:

@@ -83,6 +83,45 @@ def time_side_by_side(workdirs, num_images: int
   return [tuple(t) for t in totals / n]
 
 
+def compare_nms(workdir: str, candidates, num_images: int) -> str:
+  """Markdown: the detection NMS's time per image for each value of
+  `inference.nms_candidates`, side by side on the same network outputs of
+  the first test canvases (the variants taking turns on each), and whether
+  each variant's detections equal the first's on every image."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
+  run, predictor = _load(workdir)
+  data = run.data.evals['test']
+  posts = [jax.jit(functools.partial(
+      inference.postprocess, **dict(predictor.post_kwargs, candidates=c)))
+           for c in candidates]
+  inputs = [predictor.network(image)[:4]
+            for image in data.images[:min(num_images, len(data))]]
+  for post in posts:  # compile outside the timed loop
+    jax.block_until_ready(post(*inputs[0]))
+  seconds = np.zeros((len(posts), len(inputs)))
+  same = [True] * len(posts)
+  for i, x in enumerate(inputs):
+    outs = []
+    for k, post in enumerate(posts):
+      t = time.perf_counter()
+      outs.append(jax.block_until_ready(post(*x)))
+      seconds[k, i] = time.perf_counter() - t
+      same[k] &= all(np.array_equal(np.asarray(a), np.asarray(b))
+                     for a, b in zip(outs[0], outs[k]))
+  lines = [f'| nms_candidates ({workdir}, {len(inputs)} images) | NMS mean '
+           '| NMS median | vs the first | detections equal the first\'s |',
+           '|---|---|---|---|---|']
+  for k, c in enumerate(candidates):
+    lines.append(f'| {c} | {seconds[k].mean() * 1000:.1f} ms | '
+                 f'{np.median(seconds[k]) * 1000:.1f} ms | '
+                 f'{seconds[0].mean() / seconds[k].mean():.2f}x | '
+                 f'{"yes" if same[k] else "NO"} |')
+  return '\n'.join(lines)
+
+
 def comparison_table(workdirs, timing_images: int = 0) -> str:
   """Markdown: mAP@0.5, time per image and speed-up vs R-CNN, beside the
   lecture's figures.
