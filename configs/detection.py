@@ -51,6 +51,7 @@ test image side by side (selective search is ~74 ms of the first two).
 """
 from ml_collections import config_dict
 
+from cnn.tasks.detection.inference import NMS_CANDIDATES
 from cnn.tasks.detection.model import KINDS
 from configs import common
 
@@ -61,8 +62,7 @@ PHOTOS = ('raccoon', 'coco128')
 def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   parts = (arg or 'fast_rcnn').split(',')
   kind, rest = parts[0], parts[1:]
-  photos = [r for r in rest if r in PHOTOS]
-  local, photo = 'local' in rest, photos[0] if photos else ''
+  local, photo = 'local' in rest, next((r for r in rest if r in PHOTOS), '')
   if kind not in KINDS or rest not in ([], ['local']) + tuple(
       l for p in PHOTOS for l in ([p], [p, 'local'])):
     raise ValueError(f"unknown preset '{arg}'; use one of "
@@ -138,7 +138,7 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.inference.rcnn_chunk = 64  # R-CNN: proposals per network call
   # Per-class NMS on each class's best 256 boxes when they hold all boxes
   # above score_threshold (the same detections; 0: always on all boxes).
-  c.inference.nms_candidates = 256
+  c.inference.nms_candidates = NMS_CANDIDATES
 
   # init_from: a `det_trunk` CIFAR classification run whose trunk and FC
   # layers the detector starts from (the lecture's "pretrain on

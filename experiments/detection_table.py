@@ -15,6 +15,7 @@ run both ways side by side (`inference.postprocess`).
 from absl import app
 from absl import flags
 
+from cnn.errors import ConfigError
 from experiments import common
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Detection run folders.')
@@ -40,12 +41,16 @@ def main(argv):
   from cnn.tasks.detection import report as detection_report  # pylint: disable=g-import-not-at-top
 
   def run():
+    try:  # checked before any run is loaded
+      candidates = [int(c) for c in _NMS.value or []]
+    except ValueError:
+      raise ConfigError('--compare_nms_candidates takes whole numbers (e.g. '
+                        f'0,256), not {",".join(_NMS.value)}') from None
     print(detection_report.comparison_table(_WORKDIRS.value,
                                                 _TIMING.value))
-    if _NMS.value:
-      print(detection_report.compare_nms(
-          _WORKDIRS.value[0], [int(c) for c in _NMS.value],
-          _TIMING.value or 100))
+    if candidates:
+      print(detection_report.compare_nms(_WORKDIRS.value[0], candidates,
+                                         _TIMING.value or 100))
     if _PICTURE.value:
       detection_report.draw_detections(_WORKDIRS.value, _PICTURE.value,
                                        _IMAGES.value, _MIN_SCORE.value)

@@ -24,9 +24,14 @@ from cnn.tasks.detection.model import pool, preprocess
 from cnn.tasks.detection.targets import rpn_proposals
 
 
+# Per-class NMS on each class's best boxes (`postprocess`); runs whose
+# config.json predates config.inference.nms_candidates use it too.
+NMS_CANDIDATES = 256
+
+
 def postprocess(rois, valid, logits, deltas, *, canvas: int,
                 score_threshold: float, nms_iou: float, per_class: int,
-                max_detections: int, candidates: int = 256):
+                max_detections: int, candidates: int = NMS_CANDIDATES):
   """Class-specific boxes, per-class NMS, the top detections of one image.
 
   Per-class NMS builds an N x N IoU matrix per class (80 classes x 2,000
@@ -112,7 +117,7 @@ class Predictor:
         canvas=spec.canvas, score_threshold=te.score_threshold,
         nms_iou=te.nms_iou, per_class=te.per_class,
         max_detections=te.max_detections,
-        candidates=int(te.get('nms_candidates', 256)))
+        candidates=int(te.get('nms_candidates', NMS_CANDIDATES)))
     post = functools.partial(postprocess, **self.post_kwargs)
     self.chunk = int(te.rcnn_chunk)
 
