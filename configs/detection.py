@@ -156,9 +156,9 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   if photo:
     # Real photographs (coco128 changes some below): the 160 / 40 raccoon
     # photos, letterboxed to 256 px (longer side 256, aspect kept), one
-    # class; the last 20 training photos are the held-out `val`. About 2,000 selective-search proposals
-    # per test image, as in the R-CNN paper; anchors for objects that fill
-    # much of the photo.
+    # class; the last 20 training photos are the held-out `val`. About
+    # 2,000 selective-search proposals per test image, as in the R-CNN
+    # paper; anchors for objects that fill much of the photo.
     c.dataset, c.source = 'raccoon', ''
     c.canvas = 256
     c.train_examples, c.val_examples, c.test_examples = 140, 20, 0
