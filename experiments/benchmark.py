@@ -2,7 +2,7 @@ r"""Speed and memory of training and evaluation for one model.
 
   python -m experiments.benchmark --config=configs/cifar10.py:cifar_resnet20 \
     [--batch_size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
-    [--compare=dtype|fusion]
+    [--compare=dtype|fusion|conv]
 
 prints a table: compile time, train images/s (median of --steps steps after
 warm-up, on synthetic uint8 batches through the library's real train step:
@@ -17,13 +17,16 @@ needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
 bfloat16 side by side; `--compare=fusion` the train step compiled with
 XLA:CPU's default fusion against the library's default
-(`cnn.training.step.default_compiler_options`). Variants are timed round-robin, one
+(`cnn.training.step.default_compiler_options`); `--compare=conv` XLA's own
+convolution weight gradient against the library's, summed over batch chunks
+chosen per shape by measurement (`cnn.ops.conv`). Variants are timed round-robin, one
 step each per round, so that load from other processes hits them alike.
 
 `--layers` prints the per-layer view instead: every distinct convolution of
 the model at the train batch, its forward pass, input gradient and weight
 gradient in ms, as XLA computes them from jit arguments and (stride 1) the
-weight gradient as shifted GEMMs (`benchmarking.shifted_weight_grad`), beside
+weight gradient as shifted GEMMs (`benchmarking.shifted_weight_grad`) and
+the library's chunked weight gradient with its measured chunk count, beside
 PyTorch's with --torch; with the count of layers of each shape, so the sum
 says where a step's convolution time goes.
 """
@@ -52,10 +55,11 @@ _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference '
                            'and print the ratio.')
 _CHANNELS_LAST = flags.DEFINE_bool('torch_channels_last', False,
                                    'PyTorch in channels-last memory format.')
-_COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion'],
+_COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion', 'conv'],
                              'Two JAX variants side by side: float32 vs '
-                             'bfloat16, or XLA default fusion vs the '
-                             "library's CPU options.")
+                             'bfloat16, XLA default fusion vs the '
+                             "library's CPU options, or XLA's weight "
+                             "gradient vs the library's measured one.")
 _LAYERS = flags.DEFINE_bool('layers', False, 'Per-layer view: each conv '
                             'shape forward / input grad / weight grad.')
 _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'Batches '
@@ -111,6 +115,7 @@ def benchmark(config):
   from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
   from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
@@ -139,10 +144,15 @@ def benchmark(config):
                 'jax cnn-default': dict(
                     dtype=dtype,
                     compiler_options=step_lib.default_compiler_options())}
+  elif _COMPARE.value == 'conv':
+    variants = {'jax xla-dW': dict(dtype=dtype, conv_policy='xla'),
+                'jax chunked-dW': dict(dtype=dtype, conv_policy='auto')}
   else:
     variants = {f'jax {dtype}': dict(dtype=dtype)}
-  setups = {name: bm.jax_setup(config, bs, ebs, **kw)
-            for name, kw in variants.items()}
+  setups = {}
+  for name, kw in variants.items():
+    with conv_ops.policy(kw.pop('conv_policy', conv_ops.current_policy())):
+      setups[name] = bm.jax_setup(config, bs, ebs, **kw)
   first = next(iter(setups.values()))
   train_batch = bm.synthetic_batch(bs, first.image_shape, first.num_classes)
   eval_batch = bm.synthetic_batch(ebs, first.image_shape, first.num_classes,
@@ -248,16 +258,20 @@ def _layers(config, bs: int):
   if _TORCH.value:
     from experiments import torch_reference as tr  # pylint: disable=g-import-not-at-top
   header = ['conv (NHWC in -> out)', 'layers', 'jax fwd', 'jax dx',
-            'jax dW', 'jax dW shifted']
+            'jax dW', 'jax dW shifted', 'jax dW chunked (m)']
   if tr:
-    header += ['torch fwd', 'torch dx', 'torch dW', 'fwd+dx+dW jax/torch']
+    header += ['torch fwd', 'torch dx', 'torch dW', 'fwd+dx+dW jax/torch',
+               'chunked jax/torch']
   rows, totals = [], {}
   for sh in shapes:
     t = bm.conv_layer_times(sh, _STEPS.value)
     ms = lambda v: '-' if v is None else f'{1000 * v:.1f}'
     r = [sh.describe(), str(sh.count), ms(t['forward']), ms(t['input_grad']),
-         ms(t['weight_grad']), ms(t.get('weight_grad_shifted'))]
+         ms(t['weight_grad']), ms(t.get('weight_grad_shifted')),
+         f"{ms(t['weight_grad_chunked'])} ({t['chunks']})"]
     jax_total = t['forward'] + t['input_grad'] + t['weight_grad']
+    lib_total = t['forward'] + t['input_grad'] + t['weight_grad_chunked']
+    totals['lib'] = totals.get('lib', 0.0) + sh.count * lib_total
     totals['jax'] = totals.get('jax', 0.0) + sh.count * jax_total
     if tr:
       p = tr.conv_layer_times(sh.batch, sh.height, sh.width, sh.cin, sh.cout,
@@ -265,16 +279,19 @@ def _layers(config, bs: int):
       torch_total = p['forward'] + p['input_grad'] + p['weight_grad']
       totals['torch'] = totals.get('torch', 0.0) + sh.count * torch_total
       r += [ms(p['forward']), ms(p['input_grad']), ms(p['weight_grad']),
-            f'{jax_total / torch_total:.2f}x']
+            f'{jax_total / torch_total:.2f}x',
+            f'{lib_total / torch_total:.2f}x']
     rows.append(r)
   print(f'model {name}  batch {bs}  {_STEPS.value} timed runs (median, ms)  '
         f'device {jax.devices()[0].device_kind}')
   _print_table(header, rows)
   line = (f"all convolutions of one train step (x layers): jax "
-          f"{1000 * totals['jax']:.0f} ms")
+          f"{1000 * totals['jax']:.0f} ms, jax with the chunked weight "
+          f"gradient {1000 * totals['lib']:.0f} ms")
   if 'torch' in totals:
     line += (f", torch {1000 * totals['torch']:.0f} ms "
-             f"({totals['jax'] / totals['torch']:.2f}x)")
+             f"({totals['jax'] / totals['torch']:.2f}x, chunked "
+             f"{totals['lib'] / totals['torch']:.2f}x)")
   print(line)
   return rows
 

@@ -10,6 +10,12 @@ import pytest
 # tests/training/test_loop.py::test_cpu_compiler_options_keep_the_math checks the
 # library default against them explicitly.
 os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
+# Likewise the convolution weight gradient: on CPU the library measures, per
+# shape, a batch split that makes it faster (cnn/ops/conv.py), at the price
+# of a measurement per new shape and one convolution per chunk to compile.
+# The suite keeps XLA's own; tests/ops/test_conv.py checks the library's
+# default against it.
+os.environ.setdefault('CNN_CONV_WEIGHT_GRAD', 'xla')
 
 # Compiled steps are cached on disk (cnn/training/compile_cache.py): the
 # suite compiles the same small nets in many tests and processes.

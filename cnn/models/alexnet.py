@@ -14,7 +14,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import LRN, Dtype, MaxPool, fc_classifier, he_normal
+from cnn.models.common import (LRN, Conv, Dtype, MaxPool, fc_classifier,
+                               he_normal)
 from cnn.models.resnet import ModuleDef
 
 
@@ -78,7 +79,7 @@ class AlexNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=he_normal)
+    conv = functools.partial(Conv, dtype=self.dtype, kernel_init=he_normal)
     x = AlexNetFeatures(self.widths, conv, self.groups, self.lrn,
                         name='features')(x)
     return fc_classifier(

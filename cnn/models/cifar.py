@@ -13,7 +13,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, GlobalAvgPool, he_normal
+from cnn.models.common import Conv, Dtype, GlobalAvgPool, he_normal
 from cnn.models.resnet import PAD3, ModuleDef, Stage
 
 EXAMPLE_DEPTHS = (20, 32, 44, 56, 110)
@@ -62,7 +62,7 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     n = blocks_per_stage(self.depth)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=he_normal)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jax import lax
 
+from cnn.ops import conv as conv_ops
+
 # He et al. 2015 (Delving deep into rectifiers): keeps the activation variance
 # constant through ReLU layers, which is what lets plain 20-56 layer nets train
 # at all in the plain-vs-ResNet study.
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+# `nn.Conv` with the library's convolution: XLA's forward pass and input
+# gradient, the weight gradient chosen per shape by measurement on CPU
+# (`cnn.ops.conv`). Parameters and their names are `nn.Conv`'s.
+Conv = functools.partial(nn.Conv,
+                         conv_general_dilated=conv_ops.conv_general_dilated)
 
 Dtype = Any
 Padding = str | Sequence[tuple[int, int]]

@@ -15,7 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, he_normal
+from cnn.models.common import Conv, Dtype, he_normal
 
 
 class Trunk(nn.Module):
@@ -30,9 +30,9 @@ class Trunk(nn.Module):
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     for s, width in enumerate(self.widths):
       for k in range(self.convs_per_stage):
-        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=False,
-                    kernel_init=he_normal, dtype=self.dtype,
-                    name=f'conv{s + 1}_{k + 1}')(x)
+        x = Conv(width, (3, 3), padding='SAME', use_bias=False,
+                 kernel_init=he_normal, dtype=self.dtype,
+                 name=f'conv{s + 1}_{k + 1}')(x)
         x = nn.relu(norm(name=f'bn{s + 1}_{k + 1}')(x))
       x = nn.max_pool(x, (2, 2), (2, 2))
     return x

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnn.models.alexnet import AlexNet, AlexNetFeatures
-from cnn.models.common import Dtype, MaxPool, he_normal
+from cnn.models.common import Conv, Dtype, MaxPool, he_normal
 from cnn.models.overfeat import OverFeat
 from cnn.models.vgg import VGG, VGGFeatures
 
@@ -46,7 +46,7 @@ def trunk_of(model: nn.Module, name: str | None = 'features') -> nn.Module:
   import functools  # pylint: disable=g-import-not-at-top
   if isinstance(model, OverFeat):
     return model.trunk(name=name)
-  conv = functools.partial(nn.Conv, dtype=model.dtype, kernel_init=he_normal)
+  conv = functools.partial(Conv, dtype=model.dtype, kernel_init=he_normal)
   if isinstance(model, AlexNet):
     return AlexNetFeatures(model.widths, conv, model.groups, model.lrn,
                            name=name)
@@ -84,8 +84,8 @@ class FullyConvNet(nn.Module):
     del train  # inference only: dropout is the identity
     x = self.features(x)
     for i, (name, width, k) in enumerate(self.head):
-      x = nn.Conv(width, (k, k), padding='VALID', dtype=self.dtype,
-                  name=name)(x)
+      x = Conv(width, (k, k), padding='VALID', dtype=self.dtype,
+              name=name)(x)
       if i < len(self.head) - 1:
         x = nn.relu(x)
     return jnp.asarray(x, jnp.float32)

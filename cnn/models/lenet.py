@@ -11,7 +11,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, MaxPool, flatten, he_normal
+from cnn.models.common import Conv, Dtype, MaxPool, flatten, he_normal
 
 
 class LeNet5(nn.Module):
@@ -27,7 +27,7 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     del train  # no BN or dropout; the keyword keeps the zoo's one interface
-    conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=he_normal)
+    conv = functools.partial(Conv, dtype=self.dtype, kernel_init=he_normal)
     x = nn.relu(conv(6, (5, 5), padding=((2, 2), (2, 2)), name='conv1')(x))
     x = MaxPool(2, 2, name='pool1')(x)
     x = nn.relu(conv(16, (5, 5), padding='VALID', name='conv2')(x))

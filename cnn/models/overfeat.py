@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, MaxPool, fc_classifier, he_normal
+from cnn.models.common import Conv, Dtype, MaxPool, fc_classifier, he_normal
 
 # ('conv', filters, kernel side, stride, padding) or ('pool', window, stride).
 Layer = tuple
@@ -94,7 +94,7 @@ class OverFeatFeatures(nn.Module):
     conv: conv module factory.
   """
   layers: Sequence[Layer]
-  conv: nn.Module = nn.Conv
+  conv: nn.Module = Conv
 
   @nn.compact
   def __call__(self, x):
@@ -137,7 +137,7 @@ class OverFeat(nn.Module):
   @nn.nowrap
   def trunk(self, name: Optional[str] = None) -> OverFeatFeatures:
     """The conv trunk as a module of its own (used by the FC->conv net)."""
-    conv = functools.partial(nn.Conv, dtype=self.dtype, kernel_init=he_normal)
+    conv = functools.partial(Conv, dtype=self.dtype, kernel_init=he_normal)
     return OverFeatFeatures(
         resolve_layers(self.layers, self.widths, self.conv_padding), conv,
         name=name)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import Dtype, GlobalAvgPool, MaxPool, he_normal
+from cnn.models.common import Conv, Dtype, GlobalAvgPool, MaxPool, he_normal
 
 ModuleDef = Any
 
@@ -234,7 +234,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     check_block(self.block)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=he_normal)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)

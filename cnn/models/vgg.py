@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cnn.models.common import LRN, Dtype, MaxPool, fc_classifier, he_normal
+from cnn.models.common import (LRN, Conv, Dtype, MaxPool, fc_classifier,
+                               he_normal)
 from cnn.models.resnet import ModuleDef
 
 # Stage -> convs as (filters, kernel side). The tuple-of-tuples form keeps the
@@ -107,7 +108,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=not self.batch_norm,
+    conv = functools.partial(Conv, use_bias=not self.batch_norm,
                              dtype=self.dtype, kernel_init=he_normal)
     norm = None
     if self.batch_norm:

@@ -9,6 +9,7 @@ alike and the ratio stays meaningful even when the absolute rates do not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -19,6 +20,7 @@ import numpy as np
 
 from cnn import models
 from cnn.data import input_pipeline
+from cnn.ops import conv as conv_ops
 from cnn.tasks.classification import task as classification
 from cnn.tools import summary
 from cnn.training import optim
@@ -264,8 +266,10 @@ def shifted_weight_grad(x, g, kernel: int):
 def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
                      ) -> dict[str, float]:
   """Median seconds of one convolution's forward pass, input gradient and
-  weight gradient as XLA computes them from jit arguments, and of the
-  shifted-GEMM weight gradient (stride 1 only), timed round-robin."""
+  weight gradient as XLA computes them from jit arguments, of the
+  shifted-GEMM weight gradient (stride 1 only) and of the library's
+  chunked weight gradient (`cnn.ops.conv`; its chunk count is returned as
+  'chunks'), timed round-robin."""
   rng = np.random.default_rng(seed)
   x = jax.device_put(rng.standard_normal(
       (shape.batch, shape.height, shape.width, shape.cin)).astype(np.float32))
@@ -285,7 +289,22 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
   if s == 1:
     fns['weight_grad_shifted'] = (jax.jit(
         lambda a, c: shifted_weight_grad(a, c, shape.kernel)), (x, g))
+  # The library's choice (`cnn.ops.conv`, measured once per shape and
+  # machine under the 'auto' policy): XLA's weight gradient over m chunks.
+  pad = shape.kernel // 2
+  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape,
+                                      ('NHWC', 'HWIO', 'NHWC'))
+  pads = ((pad, pad), (pad, pad))
+  with conv_ops.policy('auto'):
+    m = conv_ops.chunks_for(x.shape, k.shape, (s, s), pads, dn, x.dtype,
+                            y.shape)
+  fwd = functools.partial(conv_ops._conv, strides=(s, s), padding=pads,  # pylint: disable=protected-access
+                          dn=dn)
+  fns['weight_grad_chunked'] = (jax.jit(functools.partial(
+      conv_ops._chunked_weight_grad, m=m, fwd=fwd, dn=dn)), (x, k, g))  # pylint: disable=protected-access
   runners = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
              for name, (f, a) in fns.items()}
   times = time_interleaved(runners, steps)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  out = {name: float(np.median(t)) for name, t in times.items()}
+  out['chunks'] = m
+  return out

@@ -28,7 +28,9 @@ from cnn.training.state import TrainState
 # `transpose_copy_fusion`s took more time than all the convolutions. Without
 # the pass every tensor is computed once and stored; the arithmetic is the
 # same (see `experiments/benchmark.py --compare=fusion` for the measured
-# effect). CNN_XLA_CPU_FUSION=1 restores XLA's default.
+# effect). CNN_XLA_CPU_FUSION=1 restores XLA's default. With the chunked
+# weight gradient of `cnn.ops.conv`, XLA's default measured faster on an AVX2
+# CPU (README, Speed); not yet on AVX-512 ones, so the default stays.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 
 

@@ -148,8 +148,10 @@ def test_per_layer_view_lists_the_convolutions_and_their_gradients():
       ('16x16x32->64 3x3/2', 1), ('8x8x64->64 3x3/1', 1)]
   times = benchmarking.conv_layer_times(shapes[1], steps=2)
   assert set(times) == {'forward', 'input_grad', 'weight_grad',
-                        'weight_grad_shifted'}
+                        'weight_grad_shifted', 'weight_grad_chunked', 'chunks'}
   assert all(t > 0 for t in times.values())
+  # At batch 4 the weight gradient is too small to measure chunks for.
+  assert times['chunks'] == 1
   # The shifted-GEMM weight gradient is the convolution's weight gradient.
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
