@@ -89,6 +89,26 @@ def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
   return step, state
 
 
+def resnet8_after_steps(steps: int = 3, **step_kwargs):
+  """(state, last loss) after `steps` train steps of cifar_resnet8 on one
+  fixed random batch of 8, with `classifier_step(..., **step_kwargs)`: for
+  tests that compare two ways of compiling the same step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn import models  # pylint: disable=g-import-not-at-top
+  from cnn.training import optim  # pylint: disable=g-import-not-at-top
+  model = models.get_model('cifar_resnet8', num_classes=10)
+  c = small_config()
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 8).astype(np.int32)}
+  train_step, state = classifier_step(model, optim.make_optimizer(c),
+                                      optim.make_schedule(c), **step_kwargs)
+  for _ in range(steps):
+    state, m = train_step(state, batch)
+  return jax.device_get(state), float(m['loss'])
+
+
 def run_script(script: str, devices: int = 1, **env) -> dict:
   """Runs Python `script` in a fresh CPU process (with `devices` forced host
   devices) from the project root; returns the JSON of its last line."""

@@ -8,11 +8,9 @@ from jax import lax
 import numpy as np
 import pytest
 
-from cnn import models
 from cnn.errors import ConfigError
 from cnn.ops import conv
-from cnn.training import optim
-from tests.conftest import classifier_step, small_config
+from tests.conftest import resnet8_after_steps
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -153,19 +151,10 @@ def test_small_shapes_are_not_measured(tmp_path, monkeypatch):
 def test_train_steps_with_chunks_keep_the_math():
   """A few train steps of a CIFAR ResNet: the library's chunked weight
   gradients give XLA's parameters and loss to float32 rounding."""
-  model = models.get_model('cifar_resnet8', num_classes=10)
-  c = small_config()
-  tx = optim.make_optimizer(c)
-  rng = np.random.default_rng(1)
-  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-           'label': rng.integers(0, 10, 8).astype(np.int32)}
   results = []
   for pol in ('xla', 4):
     with conv.policy(pol):
-      train_step, state = classifier_step(model, tx, optim.make_schedule(c))
-      for _ in range(3):
-        state, m = train_step(state, batch)
-    results.append((jax.device_get(state), float(m['loss'])))
+      results.append(resnet8_after_steps())
   (s_a, loss_a), (s_b, loss_b) = results
   assert loss_a == pytest.approx(loss_b, rel=1e-5)
   for a, b in zip(jax.tree.leaves((s_a.params, s_a.batch_stats)),

@@ -15,7 +15,8 @@ from cnn.training import optim
 from cnn.training import step as step_lib
 from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tests.conftest import (ROOT, SHARED_TFDS, classifier_step, metric_rows,
-                            requires_cifar10_jpeg, small_config)
+                            requires_cifar10_jpeg, resnet8_after_steps,
+                            small_config)
 
 
 def run(config, workdir, num_examples=24):
@@ -76,22 +77,11 @@ def test_loss_falls_on_a_fixed_batch():
 
 def test_cpu_compiler_options_keep_the_math():
   """The library's CPU train-step options change speed, not results."""
-  model = models.get_model('cifar_resnet8', num_classes=10)
-  c = small_config()
-  tx = optim.make_optimizer(c)
-  rng = np.random.default_rng(1)
-  batch = {'image': rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-           'label': rng.integers(0, 10, 8).astype(np.int32)}
-  results = []
-  for options in (step_lib.CPU_COMPILER_OPTIONS, None):
-    train_step, state = classifier_step(model, tx, optim.make_schedule(c),
-                                        compiler_options=options)
-    for _ in range(3):
-      state, m = train_step(state, batch)
-    results.append((jax.device_get(state.params), float(m['loss'])))
-  (p_a, loss_a), (p_b, loss_b) = results
+  results = [resnet8_after_steps(compiler_options=options)
+             for options in (step_lib.CPU_COMPILER_OPTIONS, None)]
+  (s_a, loss_a), (s_b, loss_b) = results
   assert loss_a == pytest.approx(loss_b, rel=1e-5)
-  for a, b in zip(jax.tree.leaves(p_a), jax.tree.leaves(p_b)):
+  for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
