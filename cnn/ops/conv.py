@@ -150,12 +150,14 @@ def weight_grad_macs(lhs_shape, rhs_shape, dn, out_shape) -> int:
 
 
 def measure_chunks(lhs_shape, rhs_shape, strides, padding, dn, dtype,
-                   candidates=CANDIDATES, runs: int = TUNE_RUNS
+                   candidates=None, runs: int | None = None
                    ) -> dict[int, float]:
   """Median seconds of the weight gradient with each chunk count that
-  divides the batch, timed round-robin on random data."""
+  divides the batch (of `candidates`, default CANDIDATES), timed
+  round-robin on random data (`runs`, default TUNE_RUNS, after a warm-up)."""
   n = lhs_shape[dn.lhs_spec[0]]
-  ms = [m for m in candidates if n % m == 0]
+  ms = [m for m in (candidates or CANDIDATES) if n % m == 0]
+  runs = runs or TUNE_RUNS
   rng = np.random.default_rng(0)
   x = jax.device_put(rng.standard_normal(lhs_shape).astype(dtype))
   w = jax.device_put(rng.standard_normal(rhs_shape).astype(dtype))

@@ -99,7 +99,7 @@ def test_auto_measures_once_per_shape_and_machine(tmp_path, monkeypatch):
   plan = tmp_path / 'plan.json'
   monkeypatch.setenv(conv.ENV_PLAN, str(plan))
   monkeypatch.setattr(conv, 'MIN_TUNE_MACS', 0)
-  monkeypatch.setattr(conv, 'CANDIDATES', (1, 2, 4))
+  monkeypatch.setattr(conv, 'CANDIDATES', (1, 2))
   monkeypatch.setattr(conv, 'TUNE_RUNS', 2)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
@@ -111,7 +111,7 @@ def test_auto_measures_once_per_shape_and_machine(tmp_path, monkeypatch):
   assert machine == conv.machine_key() and 'jax ' + jax.__version__ in machine
   [(key, entry)] = shapes.items()
   assert '(4, 8, 8, 3) (3, 3, 3, 5)' in key
-  assert set(entry['ms']) == {'1', '2', '4'}
+  assert set(entry['ms']) == {'1', '2'}  # the candidates that divide 4
   assert entry['chunks'] == conv.choose(
       {int(m): t for m, t in entry['ms'].items()})
   _, dw_ref = _grads(lax.conv_general_dilated, x, w, (1, 1), 'SAME')
