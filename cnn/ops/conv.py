@@ -102,17 +102,16 @@ def plan_path() -> str:
 @functools.lru_cache(maxsize=None)
 def machine_key() -> str:
   """CPU model and flags, jax version and backend: what a plan is valid on."""
-  model, flags = platform.processor() or platform.machine(), ''
+  fields = {}
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
       for line in f:
-        if line.startswith('model name') and model in ('', platform.machine(),
-                                                         platform.processor()):
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags') and not flags:
-          flags = line.split(':', 1)[1].strip()
+        name, _, value = line.partition(':')
+        fields.setdefault(name.strip(), value.strip())
   except OSError:
     pass
+  model = fields.get('model name') or platform.processor() or platform.machine()
+  flags = fields.get('flags', '')
   digest = hashlib.sha1(flags.encode()).hexdigest()[:12]
   return (f'{model} | flags {digest} | jax {jax.__version__} | '
           f'{jax.default_backend()} x{jax.local_device_count()}')
@@ -283,11 +282,33 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
         preferred_element_type)
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  return _conv_measured(lhs, rhs, *_normalize(
+      lhs.shape, rhs.shape, window_strides, padding, dimension_numbers))
+
+
+def _normalize(lhs_shape, rhs_shape, window_strides, padding,
+               dimension_numbers):
+  """(strides, explicit padding pairs, ConvDimensionNumbers): the hashable
+  static arguments of `_conv_measured`."""
+  dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(
-        [lhs.shape[d] for d in dn.lhs_spec[2:]],
-        [rhs.shape[d] for d in dn.rhs_spec[2:]], window_strides, padding)
+        [lhs_shape[d] for d in dn.lhs_spec[2:]],
+        [rhs_shape[d] for d in dn.rhs_spec[2:]], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv_measured(lhs, rhs, tuple(int(s) for s in window_strides),
-                        padding, dn)
+  return tuple(int(s) for s in window_strides), padding, dn
+
+
+def weight_grad_chunks(lhs_shape, rhs_shape, window_strides, padding,
+                       dimension_numbers=None, dtype=np.float32) -> int:
+  """The chunk count `conv_general_dilated` uses for this convolution's
+  weight gradient under the current policy (measuring it if the plan has
+  none yet)."""
+  strides, padding, dn = _normalize(lhs_shape, rhs_shape, window_strides,
+                                    padding, dimension_numbers)
+  out = jax.eval_shape(
+      functools.partial(_conv, strides=strides, padding=padding, dn=dn),
+      jax.ShapeDtypeStruct(lhs_shape, dtype),
+      jax.ShapeDtypeStruct(rhs_shape, dtype))
+  return chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
+                    out.shape)

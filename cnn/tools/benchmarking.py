@@ -9,7 +9,6 @@ alike and the ratio stays meaningful even when the absolute rates do not.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import resource
 import sys
 import time
@@ -244,11 +243,13 @@ def conv_shapes(model, input_shape, batch_size: int) -> list[ConvShape]:
   return [dataclasses.replace(k, count=n) for k, n in seen.items()]
 
 
-def _conv(x, k, stride: int):
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv(x, k, stride: int, conv=jax.lax.conv_general_dilated):
   pad = k.shape[0] // 2
-  return jax.lax.conv_general_dilated(
-      x, k, (stride, stride), ((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return conv(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+              dimension_numbers=_NHWC)
 
 
 def shifted_weight_grad(x, g, kernel: int):
@@ -289,19 +290,16 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
   if s == 1:
     fns['weight_grad_shifted'] = (jax.jit(
         lambda a, c: shifted_weight_grad(a, c, shape.kernel)), (x, g))
-  # The library's choice (`cnn.ops.conv`, measured once per shape and
-  # machine under the 'auto' policy): XLA's weight gradient over m chunks.
-  pad = shape.kernel // 2
-  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape,
-                                      ('NHWC', 'HWIO', 'NHWC'))
-  pads = ((pad, pad), (pad, pad))
+  # The library's own convolution under the 'auto' policy (`cnn.ops.conv`,
+  # chunk count measured once per shape and machine), traced here.
   with conv_ops.policy('auto'):
-    m = conv_ops.chunks_for(x.shape, k.shape, (s, s), pads, dn, x.dtype,
-                            y.shape)
-  fwd = functools.partial(conv_ops._conv, strides=(s, s), padding=pads,  # pylint: disable=protected-access
-                          dn=dn)
-  fns['weight_grad_chunked'] = (jax.jit(functools.partial(
-      conv_ops._chunked_weight_grad, m=m, fwd=fwd, dn=dn)), (x, k, g))  # pylint: disable=protected-access
+    fns['weight_grad_chunked'] = (jax.jit(lambda a, b, c: jax.vjp(
+        lambda v: _conv(a, v, s, conv_ops.conv_general_dilated), b)[1](c)[0]
+                                          ).lower(x, k, g).compile(),
+                                  (x, k, g))
+    pad = shape.kernel // 2
+    m = conv_ops.weight_grad_chunks(x.shape, k.shape, (s, s),
+                                    ((pad, pad), (pad, pad)), _NHWC)
   runners = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
              for name, (f, a) in fns.items()}
   times = time_interleaved(runners, steps)
