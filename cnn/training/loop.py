@@ -29,6 +29,7 @@ import numpy as np
 from cnn import tasks
 from cnn.data import input_pipeline
 from cnn.errors import ConfigError, NonFiniteLossError, UserError
+from cnn.ops import conv as conv_ops
 from cnn.tasks import base
 from cnn.training import checkpointing
 from cnn.training import optim
@@ -58,6 +59,9 @@ def validate_config(config, task) -> None:
                       '(0: evaluate only)')
   optim.validate(config)
   task.validate()
+  # $CNN_CONV_WEIGHT_GRAD is read while a step is traced; a bad value is
+  # refused here, before anything runs, not inside the first trace.
+  conv_ops.current_policy()
 
 
 def log_interval(config) -> int:

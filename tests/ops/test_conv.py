@@ -160,3 +160,14 @@ def test_train_steps_with_chunks_keep_the_math():
   for a, b in zip(jax.tree.leaves((s_a.params, s_a.batch_stats)),
                   jax.tree.leaves((s_b.params, s_b.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_policy_is_refused_before_the_run(tmp_path, monkeypatch):
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(conv.ENV_POLICY, 'fastest')
+  c = small_config()
+  with pytest.raises(ConfigError, match=f'^{conv.ENV_POLICY}=.fastest. is '
+                     'not a weight-gradient policy'):
+    loop.validate_config(c, tasks.get(c))
