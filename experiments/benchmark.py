@@ -2,7 +2,7 @@ r"""Speed and memory of training and evaluation for one model.
 
   python -m experiments.benchmark --config=configs/cifar10.py:cifar_resnet20 \
     [--batch_size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
-    [--compare=dtype|fusion|conv]
+    [--compare=dtype|fusion|conv|engine]
 
 prints a table: compile time, train images/s (median of --steps steps after
 warm-up, on synthetic uint8 batches through the library's real train step:
@@ -19,8 +19,11 @@ bfloat16 side by side; `--compare=fusion` the train step compiled with
 XLA:CPU's default fusion against the library's default
 (`cnn.training.step.default_compiler_options`); `--compare=conv` XLA's own
 convolution weight gradient against the library's, summed over batch chunks
-chosen per shape by measurement (`cnn.ops.conv`). Variants are timed round-robin, one
-step each per round, so that load from other processes hits them alike.
+chosen per shape by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's
+convolution kernels, YNNPACK (XLA's default) against Eigen
+(`CNN_XLA_CPU_CONV=eigen`), train and eval steps alike. Variants are timed
+round-robin, one step each per round, so that load from other processes hits
+them alike.
 
 `--layers` prints the per-layer view instead: every distinct convolution of
 the model at the train batch, its forward pass, input gradient and weight
@@ -55,11 +58,13 @@ _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference '
                            'and print the ratio.')
 _CHANNELS_LAST = flags.DEFINE_bool('torch_channels_last', False,
                                    'PyTorch in channels-last memory format.')
-_COMPARE = flags.DEFINE_enum('compare', None, ['dtype', 'fusion', 'conv'],
+_COMPARE = flags.DEFINE_enum('compare', None,
+                             ['dtype', 'fusion', 'conv', 'engine'],
                              'Two JAX variants side by side: float32 vs '
                              'bfloat16, XLA default fusion vs the '
-                             "library's CPU options, or XLA's weight "
-                             "gradient vs the library's measured one.")
+                             "library's CPU options, XLA's weight "
+                             "gradient vs the library's measured one, or "
+                             'YNNPACK vs Eigen convolutions (XLA:CPU).')
 _LAYERS = flags.DEFINE_bool('layers', False, 'Per-layer view: each conv '
                             'shape forward / input grad / weight grad.')
 _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 200, 'Batches '
@@ -147,11 +152,15 @@ def benchmark(config):
   elif _COMPARE.value == 'conv':
     variants = {'jax xla-dW': dict(dtype=dtype, conv_policy='xla'),
                 'jax chunked-dW': dict(dtype=dtype, conv_policy='auto')}
+  elif _COMPARE.value == 'engine':
+    variants = {'jax ynnpack': dict(dtype=dtype, conv_engine='ynnpack'),
+                'jax eigen': dict(dtype=dtype, conv_engine='eigen')}
   else:
     variants = {f'jax {dtype}': dict(dtype=dtype)}
   setups = {}
   for name, kw in variants.items():
-    with conv_ops.policy(kw.pop('conv_policy', conv_ops.current_policy())):
+    with conv_ops.policy(kw.pop('conv_policy', conv_ops.current_policy())), \
+        conv_ops.engine(kw.pop('conv_engine', conv_ops.current_engine())):
       setups[name] = bm.jax_setup(config, bs, ebs, **kw)
   first = next(iter(setups.values()))
   train_batch = bm.synthetic_batch(bs, first.image_shape, first.num_classes)
@@ -248,6 +257,7 @@ def _layers(config, bs: int):
   """The per-layer table (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   from cnn import models  # pylint: disable=g-import-not-at-top
+  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
   name = config.model
   model = models.get_model(name, num_classes=config.get('num_classes') or
@@ -283,7 +293,8 @@ def _layers(config, bs: int):
             f'{lib_total / torch_total:.2f}x']
     rows.append(r)
   print(f'model {name}  batch {bs}  {_STEPS.value} timed runs (median, ms)  '
-        f'device {jax.devices()[0].device_kind}')
+        f'device {jax.devices()[0].device_kind}  convolutions: '
+        f'{conv_ops.current_engine()}')
   _print_table(header, rows)
   line = (f"all convolutions of one train step (x layers): jax "
           f"{1000 * totals['jax']:.0f} ms, jax with the chunked weight "

@@ -16,6 +16,9 @@ os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
 # The suite keeps XLA's own; tests/ops/test_conv.py checks the library's
 # default against it.
 os.environ.setdefault('CNN_CONV_WEIGHT_GRAD', 'xla')
+# And XLA's YNNPACK convolutions, which the library swaps for Eigen's on CPUs
+# without AVX-512 (cnn/ops/conv.py); tests/ops/test_conv.py compares the two.
+os.environ.setdefault('CNN_XLA_CPU_CONV', 'ynnpack')
 
 # Compiled steps are cached on disk (cnn/training/compile_cache.py): the
 # suite compiles the same small nets in many tests and processes.

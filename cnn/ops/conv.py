@@ -19,6 +19,12 @@ it is measured, not assumed:
   candidates once per shape and machine when it is not there; `xla` (the
   default on GPU and TPU, where cuDNN/XLA's kernels are not the problem)
   keeps XLA's own weight gradient everywhere; an integer fixes m.
+* XLA:CPU's convolution kernels are chosen too (`CNN_XLA_CPU_CONV`, or
+  `engine(...)`): `eigen` compiles the train and eval steps with convolutions
+  on XLA's Eigen kernels instead of YNNPACK (`ynnpack`, XLA's default);
+  `auto`, the default, takes Eigen on CPUs without AVX-512, where it was
+  measured faster (see ENGINES). `engine_compiler_options()` are the XLA
+  options that select it; the chunk counts are measured under them.
 * Shapes too small for the choice to matter (under `MIN_TUNE_MACS`
   multiply-adds in the weight gradient) keep m = 1 without measuring, and
   so does a step over more than one device (the measurement is for one).
@@ -46,6 +52,7 @@ import numpy as np
 from cnn.errors import ConfigError
 
 ENV_POLICY = 'CNN_CONV_WEIGHT_GRAD'
+ENV_ENGINE = 'CNN_XLA_CPU_CONV'
 ENV_PLAN = 'CNN_CONV_PLAN'
 DEFAULT_PLAN = os.path.join('~', '.cache', 'cnn', 'conv_plan.json')
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -54,6 +61,21 @@ TUNE_RUNS = 5
 TOLERANCE = 0.05
 
 _policy_override: list = []
+_engine_override: list = []
+
+# XLA:CPU's convolution kernels. jaxlib 0.10 hands every convolution to
+# YNNPACK (its default `xla_cpu_experimental_ynn_fusion_type` is individual
+# dots and individual convolutions); 'eigen' keeps YNNPACK for dots only, so
+# convolutions take XLA's Eigen kernels. On a 2-core AMD EPYC with AVX2 and
+# no AVX-512, Eigen's made the CIFAR ResNet train step 1.08-1.09x faster,
+# eval 1.29-1.38x and the resnet56 compile 2x (README, Speed); on AVX-512
+# CPUs it is not measured yet. So `auto` (the default) takes Eigen on CPUs
+# without AVX-512 and leaves XLA's YNNPACK elsewhere.
+ENGINES = {
+    'ynnpack': None,
+    'eigen': {'xla_cpu_experimental_ynn_fusion_type':
+              'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
+}
 
 
 def _parse_policy(value) -> str | int:
@@ -82,6 +104,45 @@ def current_policy() -> str | int:
   return 'auto' if jax.default_backend() == 'cpu' else 'xla'
 
 
+def _parse_engine(value) -> str:
+  text = str(value).strip().lower()
+  if text == 'auto':
+    return 'ynnpack' if _cpu_has_avx512() else 'eigen'
+  if text not in ENGINES:
+    raise ConfigError(
+        f'{ENV_ENGINE}={value!r} is not an XLA:CPU convolution engine: use '
+        f"'auto', {' or '.join(repr(e) for e in ENGINES)}")
+  return text
+
+
+def current_engine() -> str:
+  """'ynnpack' (XLA's default) or 'eigen': XLA:CPU's convolution kernels
+  (`CNN_XLA_CPU_CONV`, or `engine(...)`; 'auto' resolves as above)."""
+  if _engine_override:
+    return _engine_override[-1]
+  return _parse_engine(os.environ.get(ENV_ENGINE) or 'auto')
+
+
+@contextlib.contextmanager
+def engine(value):
+  """Within the block, steps built and chunk counts measured use this
+  convolution engine ('auto', 'ynnpack' or 'eigen')."""
+  _engine_override.append(_parse_engine(value))
+  try:
+    yield
+  finally:
+    _engine_override.pop()
+
+
+def engine_compiler_options() -> dict | None:
+  """XLA options selecting the convolution engine (None: XLA's default;
+  always None off CPU)."""
+  options = ENGINES[current_engine()]
+  if options is None or jax.default_backend() != 'cpu':
+    return None
+  return dict(options)
+
+
 @contextlib.contextmanager
 def policy(value):
   """Within the block, steps traced use this policy ('auto', 'xla', m)."""
@@ -99,9 +160,18 @@ def plan_path() -> str:
       os.environ.get(ENV_PLAN) or DEFAULT_PLAN))
 
 
-@functools.lru_cache(maxsize=None)
 def machine_key() -> str:
-  """CPU model and flags, jax version and backend: what a plan is valid on."""
+  """CPU model and flags, jax version, backend and convolution engine: what
+  a plan is valid on."""
+  key = _hardware_key()
+  if engine_compiler_options() is not None:
+    key += f' | conv {current_engine()}'
+  return key
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict:
+  """The first CPU's fields of /proc/cpuinfo ({} where there is none)."""
   fields = {}
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
@@ -110,6 +180,19 @@ def machine_key() -> str:
         fields.setdefault(name.strip(), value.strip())
   except OSError:
     pass
+  return fields
+
+
+def _cpu_has_avx512() -> bool:
+  """AVX-512 in the CPU's flags; True where the flags are unknown (keeps
+  XLA's default there)."""
+  flags = _cpuinfo().get('flags')
+  return flags is None or 'avx512f' in flags.split()
+
+
+@functools.lru_cache(maxsize=None)
+def _hardware_key() -> str:
+  fields = _cpuinfo()
   model = fields.get('model name') or platform.processor() or platform.machine()
   flags = fields.get('flags', '')
   digest = hashlib.sha1(flags.encode()).hexdigest()[:12]
@@ -163,8 +246,9 @@ def measure_chunks(lhs_shape, rhs_shape, strides, padding, dn, dtype,
   fwd = functools.partial(_conv, strides=strides, padding=padding, dn=dn)
   out = jax.eval_shape(fwd, x, w)
   g = jax.device_put(rng.standard_normal(out.shape).astype(dtype))
+  options = engine_compiler_options()  # The kernels the step will use.
   fns = {m: jax.jit(functools.partial(_chunked_weight_grad, m=m, fwd=fwd,
-                                      dn=dn)).lower(x, w, g).compile()
+                                      dn=dn)).lower(x, w, g).compile(options)
          for m in ms}
   times = {m: [] for m in ms}
   for r in range(runs + 1):

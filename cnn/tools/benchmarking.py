@@ -9,6 +9,7 @@ alike and the ratio stays meaningful even when the absolute rates do not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -270,7 +271,8 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
   weight gradient as XLA computes them from jit arguments, of the
   shifted-GEMM weight gradient (stride 1 only) and of the library's
   chunked weight gradient (`cnn.ops.conv`; its chunk count is returned as
-  'chunks'), timed round-robin."""
+  'chunks'), timed round-robin, all compiled for the library's convolution
+  engine (`cnn.ops.conv.current_engine`)."""
   rng = np.random.default_rng(seed)
   x = jax.device_put(rng.standard_normal(
       (shape.batch, shape.height, shape.width, shape.cin)).astype(np.float32))
@@ -280,20 +282,23 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
   y = jax.eval_shape(lambda a, b: _conv(a, b, shape.stride), x, k)
   g = jax.device_put(rng.standard_normal(y.shape).astype(np.float32))
   s = shape.stride
+  # Compiled for the convolution engine the library's steps use.
+  jit = functools.partial(jax.jit,
+                          compiler_options=conv_ops.engine_compiler_options())
   fns = {
-      'forward': (jax.jit(lambda a, b: _conv(a, b, s)), (x, k)),
-      'input_grad': (jax.jit(lambda a, b, c: jax.vjp(
+      'forward': (jit(lambda a, b: _conv(a, b, s)), (x, k)),
+      'input_grad': (jit(lambda a, b, c: jax.vjp(
           lambda u: _conv(u, b, s), a)[1](c)[0]), (x, k, g)),
-      'weight_grad': (jax.jit(lambda a, b, c: jax.vjp(
+      'weight_grad': (jit(lambda a, b, c: jax.vjp(
           lambda v: _conv(a, v, s), b)[1](c)[0]), (x, k, g)),
   }
   if s == 1:
-    fns['weight_grad_shifted'] = (jax.jit(
+    fns['weight_grad_shifted'] = (jit(
         lambda a, c: shifted_weight_grad(a, c, shape.kernel)), (x, g))
   # The library's own convolution under the 'auto' policy (`cnn.ops.conv`,
   # chunk count measured once per shape and machine), traced here.
   with conv_ops.policy('auto'):
-    fns['weight_grad_chunked'] = (jax.jit(lambda a, b, c: jax.vjp(
+    fns['weight_grad_chunked'] = (jit(lambda a, b, c: jax.vjp(
         lambda v: _conv(a, v, s, conv_ops.conv_general_dilated), b)[1](c)[0]
                                           ).lower(x, k, g).compile(),
                                   (x, k, g))

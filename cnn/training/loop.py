@@ -59,9 +59,10 @@ def validate_config(config, task) -> None:
                       '(0: evaluate only)')
   optim.validate(config)
   task.validate()
-  # $CNN_CONV_WEIGHT_GRAD is read while a step is traced; a bad value is
-  # refused here, before anything runs, not inside the first trace.
+  # $CNN_CONV_WEIGHT_GRAD and $CNN_XLA_CPU_CONV are read while a step is
+  # built; a bad value is refused here, before anything runs.
   conv_ops.current_policy()
+  conv_ops.current_engine()
 
 
 def log_interval(config) -> int:

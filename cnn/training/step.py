@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnn.ops import conv as conv_ops
 from cnn.training.state import TrainState
 
 # XLA:CPU's instruction fusion duplicates the elementwise residual stream
@@ -35,10 +36,15 @@ CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 
 
 def default_compiler_options() -> dict | None:
-  """XLA options of the train step on this backend (None: XLA's defaults)."""
-  if jax.default_backend() != 'cpu' or os.environ.get('CNN_XLA_CPU_FUSION'):
+  """XLA options of the train step on this backend (None: XLA's defaults):
+  on CPU the fusion setting above and the convolution engine
+  (`cnn.ops.conv.engine_compiler_options`, `CNN_XLA_CPU_CONV`)."""
+  if jax.default_backend() != 'cpu':
     return None
-  return dict(CPU_COMPILER_OPTIONS)
+  options = dict(conv_ops.engine_compiler_options() or {})
+  if not os.environ.get('CNN_XLA_CPU_FUSION'):
+    options.update(CPU_COMPILER_OPTIONS)
+  return options or None
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,

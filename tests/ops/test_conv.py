@@ -171,3 +171,60 @@ def test_bad_policy_is_refused_before_the_run(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match=f'^{conv.ENV_POLICY}=.fastest. is '
                      'not a weight-gradient policy'):
     loop.validate_config(c, tasks.get(c))
+
+
+def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
+  """CNN_XLA_CPU_CONV=eigen: the convolutions of the compiled step leave
+  YNNPACK (XLA:CPU's default), the results stay XLA's to rounding, and the
+  chunk plan is kept apart from the default engine's."""
+  # YNNPACK takes 32 channels or more (the 16 of a CIFAR ResNet's first
+  # stage are Eigen's already).
+  x = jnp.ones((2, 8, 8, 32))
+  w = jnp.ones((3, 3, 32, 32))
+
+  def compiled(engine):
+    with conv.engine(engine):
+      options = conv.engine_compiler_options()
+      return jax.jit(lambda a, b: lax.conv_general_dilated(
+          a, b, (1, 1), 'SAME', dimension_numbers=NHWC)).lower(
+              x, w).compile(options).as_text()
+  assert 'ynn_fusion' in compiled('ynnpack')
+  assert 'ynn_fusion' not in compiled('eigen')
+  with conv.engine('eigen'):
+    assert conv.machine_key().endswith(' | conv eigen')
+  assert 'conv eigen' not in conv.machine_key()
+  results = []
+  for engine in ('ynnpack', 'eigen'):
+    with conv.engine(engine), conv.policy('xla'):
+      results.append(resnet8_after_steps())
+  (s_a, loss_a), (s_b, loss_b) = results
+  assert loss_a == pytest.approx(loss_b, rel=1e-5)
+  for a, b in zip(jax.tree.leaves((s_a.params, s_a.batch_stats)),
+                  jax.tree.leaves((s_b.params, s_b.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_engine_is_one_line(monkeypatch):
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(conv.ENV_ENGINE, 'onednn')
+  c = small_config()
+  with pytest.raises(ConfigError, match=f"^{conv.ENV_ENGINE}='onednn' is not "
+                     "an XLA:CPU convolution engine: use 'auto', "
+                     "'ynnpack' or 'eigen'$"):
+    loop.validate_config(c, tasks.get(c))
+
+
+def test_auto_engine_is_eigen_only_without_avx512(monkeypatch):
+  monkeypatch.setenv(conv.ENV_ENGINE, 'auto')
+  monkeypatch.setattr(conv, '_cpuinfo', lambda: {'flags': 'fma avx avx2'})
+  assert conv.current_engine() == 'eigen'
+  monkeypatch.setattr(conv, '_cpuinfo',
+                      lambda: {'flags': 'avx2 avx512f avx512bw'})
+  assert conv.current_engine() == 'ynnpack'
+  monkeypatch.setattr(conv, '_cpuinfo', dict)  # no /proc/cpuinfo
+  assert conv.current_engine() == 'ynnpack'
+  monkeypatch.delenv(conv.ENV_ENGINE)
+  monkeypatch.setattr(conv, '_cpuinfo', lambda: {'flags': 'avx2'})
+  assert conv.current_engine() == 'eigen'  # auto is the default

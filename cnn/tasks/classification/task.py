@@ -17,6 +17,7 @@ from cnn import models
 from cnn.data import augment as augment_lib
 from cnn.data import input_pipeline
 from cnn.errors import ConfigError
+from cnn.ops import conv as conv_ops
 from cnn.tasks import base
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -171,7 +172,10 @@ def make_eval_step(model, mean, dtype=jnp.float32, image_size: int = 0):
     return out
   # No weight gradients, hence none of the transposes that make the train
   # step skip XLA's fusion: evaluation keeps XLA's defaults.
-  return jax.jit(eval_step)
+  # The convolution engine of the train step (XLA's default unless
+  # CNN_XLA_CPU_CONV says otherwise).
+  return jax.jit(eval_step,
+                 compiler_options=conv_ops.engine_compiler_options())
 
 
 class ClassificationTask(base.Task):
