@@ -23,7 +23,19 @@ os.environ.setdefault('CNN_XLA_CPU_CONV', 'ynnpack')
 # Compiled steps are cached on disk (cnn/training/compile_cache.py): the
 # suite compiles the same small nets in many tests and processes.
 from cnn.training import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
-compile_cache.enable()
+_CACHE_DIR = compile_cache.enable()
+if _CACHE_DIR:
+  # Child processes inherit it: the experiment scripts through
+  # $CNN_COMPILATION_CACHE, and the `python -c` scripts of `run_script` and
+  # the multi-host workers, which never call `compile_cache.enable`,
+  # through JAX's own variables (the same settings as `enable`).
+  os.environ.setdefault('CNN_COMPILATION_CACHE', _CACHE_DIR)
+  os.environ.update(
+      JAX_ENABLE_COMPILATION_CACHE='true',
+      JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
+          compile_cache.MIN_COMPILE_SECONDS),
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 ROOT = pathlib.Path(__file__).resolve().parents[0].parent
 # The prepared CIFAR-10 copy beside the project (see shared/data/README.md).
@@ -110,6 +122,26 @@ def resnet8_after_steps(steps: int = 3, **step_kwargs):
   for _ in range(steps):
     state, m = train_step(state, batch)
   return jax.device_get(state), float(m['loss'])
+
+
+def once_per_session(tmp_path_factory, name: str, compute):
+  """`compute()` (a JSON value) computed once per pytest session, also
+  under xdist, whose workers would otherwise each build a module fixture:
+  the first worker to ask computes it under a file lock in the folder the
+  workers share, the others wait and read it."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # pytest-N/, above each worker's popen-gwK/
+  path = root / f'{name}.json'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if path.exists():
+      return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value))
+    return value
 
 
 def run_script(script: str, devices: int = 1, **env) -> dict:

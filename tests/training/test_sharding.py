@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.conftest import run_script
+from tests.conftest import once_per_session, run_script
 
 _SCRIPT = textwrap.dedent('''
     import json
@@ -75,8 +75,9 @@ _SCRIPT = textwrap.dedent('''
 
 
 @pytest.fixture(scope='module')
-def result():
-  return run_script(_SCRIPT, devices=4)
+def result(tmp_path_factory):
+  return once_per_session(tmp_path_factory, 'sharding_4_devices',
+                          lambda: run_script(_SCRIPT, devices=4))
 
 
 def test_batch_is_split_over_four_devices(result):
