@@ -15,9 +15,9 @@ pipeline's own rate (`TrainBatches` + host->device copy on the real
 `--torch` times the PyTorch twin of the net (`experiments/torch_reference.py`,
 needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
-bfloat16 side by side; `--compare=fusion` the train step compiled with
-XLA:CPU's default fusion against the library's default
-(`cnn.training.step.default_compiler_options`); `--compare=conv` XLA's own
+bfloat16 side by side; `--compare=fusion` the train step compiled without
+XLA:CPU's fusion pass (the library's CPU default, `CNN_XLA_CPU_FUSION=0`)
+against with it (`=1`), both with the convolution engine in effect; `--compare=conv` XLA's own
 convolution weight gradient against the library's, summed over batch chunks
 chosen per shape by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's
 convolution kernels, YNNPACK (XLA's default) against Eigen
@@ -145,10 +145,12 @@ def benchmark(config):
     variants = {'jax float32': dict(dtype='float32'),
                 'jax bfloat16': dict(dtype='bfloat16')}
   elif _COMPARE.value == 'fusion':
-    variants = {'jax xla-default': dict(dtype=dtype, compiler_options=None),
-                'jax cnn-default': dict(
-                    dtype=dtype,
-                    compiler_options=step_lib.default_compiler_options())}
+    # The same convolution engine on both sides; only the fusion pass differs.
+    engine_options = conv_ops.engine_compiler_options() or {}
+    variants = {'jax fusion-off': dict(dtype=dtype, compiler_options={
+        **engine_options, **step_lib.CPU_COMPILER_OPTIONS}),
+                'jax fusion-on': dict(dtype=dtype,
+                                      compiler_options=engine_options or None)}
   elif _COMPARE.value == 'conv':
     variants = {'jax xla-dW': dict(dtype=dtype, conv_policy='xla'),
                 'jax chunked-dW': dict(dtype=dtype, conv_policy='auto')}

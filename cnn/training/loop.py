@@ -59,10 +59,12 @@ def validate_config(config, task) -> None:
                       '(0: evaluate only)')
   optim.validate(config)
   task.validate()
-  # $CNN_CONV_WEIGHT_GRAD and $CNN_XLA_CPU_CONV are read while a step is
-  # built; a bad value is refused here, before anything runs.
+  # $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and $CNN_XLA_CPU_FUSION are
+  # read while a step is built; a bad value is refused here, before anything
+  # runs.
   conv_ops.current_policy()
   conv_ops.current_engine()
+  step_lib.current_fusion()
 
 
 def log_interval(config) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnn.errors import ConfigError
 from cnn.ops import conv as conv_ops
 from cnn.training.state import TrainState
 
@@ -29,10 +30,26 @@ from cnn.training.state import TrainState
 # `transpose_copy_fusion`s took more time than all the convolutions. Without
 # the pass every tensor is computed once and stored; the arithmetic is the
 # same (see `experiments/benchmark.py --compare=fusion` for the measured
-# effect). CNN_XLA_CPU_FUSION=1 restores XLA's default. With the chunked
-# weight gradient of `cnn.ops.conv`, XLA's default measured faster on an AVX2
-# CPU (README, Speed); not yet on AVX-512 ones, so the default stays.
+# effect). With the chunked weight gradient of `cnn.ops.conv` and Eigen's
+# convolutions the pass measured faster on one AVX2 CPU for resnet20 and 20 %
+# slower on another for resnet56 (README, Speed), so the default stays off.
+# CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 (or unset) turns it off.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
+ENV_FUSION = 'CNN_XLA_CPU_FUSION'
+
+
+def current_fusion() -> bool:
+  """Whether the CPU train step keeps XLA's fusion pass (`ENV_FUSION`).
+
+  Raises:
+    ConfigError: the variable holds something else than 0 or 1.
+  """
+  value = os.environ.get(ENV_FUSION, '').strip() or '0'
+  if value not in ('0', '1'):
+    raise ConfigError(
+        f"{ENV_FUSION}={value!r} is not a fusion setting: use 1 (XLA's "
+        'fusion pass) or 0 (none, the default)')
+  return value == '1'
 
 
 def default_compiler_options() -> dict | None:
@@ -42,7 +59,7 @@ def default_compiler_options() -> dict | None:
   if jax.default_backend() != 'cpu':
     return None
   options = dict(conv_ops.engine_compiler_options() or {})
-  if not os.environ.get('CNN_XLA_CPU_FUSION'):
+  if not current_fusion():
     options.update(CPU_COMPILER_OPTIONS)
   return options or None
 

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cnn import models
+from cnn import tasks
 from cnn.training import loop
 from cnn.training import optim
 from cnn.training import step as step_lib
@@ -83,6 +84,27 @@ def test_cpu_compiler_options_keep_the_math():
   assert loss_a == pytest.approx(loss_b, rel=1e-5)
   for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_fusion_setting_is_0_or_1(monkeypatch):
+  """CNN_XLA_CPU_FUSION=1 keeps XLA's fusion pass, 0 or unset turns it off
+  (before, any non-empty value, 0 included, kept it); anything else is one
+  line before a run."""
+  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(conv_ops.ENV_ENGINE, 'eigen')
+  engine = conv_ops.engine_compiler_options()
+  for value, fused in (('1', True), ('0', False), ('', False)):
+    monkeypatch.setenv(step_lib.ENV_FUSION, value)
+    assert step_lib.current_fusion() == fused
+    assert step_lib.default_compiler_options() == (
+        engine if fused else {**engine, **step_lib.CPU_COMPILER_OPTIONS})
+  monkeypatch.delenv(step_lib.ENV_FUSION)
+  assert not step_lib.current_fusion()
+  monkeypatch.setenv(step_lib.ENV_FUSION, 'yes')
+  c = small_config()
+  with pytest.raises(ConfigError, match="^CNN_XLA_CPU_FUSION='yes' is not a "
+                     "fusion setting: use 1"):
+    loop.validate_config(c, tasks.get(c))
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):
