@@ -17,10 +17,10 @@ needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
 bfloat16 side by side; `--compare=fusion` the train step compiled without
 XLA:CPU's fusion pass (the library's CPU default, `CNN_XLA_CPU_FUSION=0`)
-against with it (`=1`), both with the convolution engine in effect; `--compare=conv` XLA's own
-convolution weight gradient against the library's, summed over batch chunks
-chosen per shape by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's
-convolution kernels, YNNPACK (XLA's default) against Eigen
+against with it (`=1`), both with the convolution engine in effect (CPU
+only); `--compare=conv` XLA's own convolution weight gradient against the
+library's, summed over batch chunks chosen per shape by measurement
+(`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution kernels, YNNPACK (XLA's default) against Eigen
 (`CNN_XLA_CPU_CONV=eigen`), train and eval steps alike. Variants are timed
 round-robin, one step each per round, so that load from other processes hits
 them alike.
@@ -145,6 +145,10 @@ def benchmark(config):
     variants = {'jax float32': dict(dtype='float32'),
                 'jax bfloat16': dict(dtype='bfloat16')}
   elif _COMPARE.value == 'fusion':
+    if jax.default_backend() != 'cpu':
+      raise ConfigError("--compare=fusion times XLA:CPU's fusion pass; on "
+                        f'{jax.default_backend()} the train step keeps '
+                        "XLA's defaults: leave --compare out")
     # The same convolution engine on both sides; only the fusion pass differs.
     engine_options = conv_ops.engine_compiler_options() or {}
     variants = {'jax fusion-off': dict(dtype=dtype, compiler_options={
