@@ -28,14 +28,8 @@ if _CACHE_DIR:
   # Child processes inherit it: the experiment scripts through
   # $CNN_COMPILATION_CACHE, and the `python -c` scripts of `run_script` and
   # the multi-host workers, which never call `compile_cache.enable`,
-  # through JAX's own variables (the same settings as `enable`).
-  os.environ.setdefault('CNN_COMPILATION_CACHE', _CACHE_DIR)
-  os.environ.update(
-      JAX_ENABLE_COMPILATION_CACHE='true',
-      JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(
-          compile_cache.MIN_COMPILE_SECONDS),
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  # through JAX's own variables.
+  os.environ.update(compile_cache.environment(_CACHE_DIR))
 
 ROOT = pathlib.Path(__file__).resolve().parents[0].parent
 # The prepared CIFAR-10 copy beside the project (see shared/data/README.md).

@@ -30,6 +30,14 @@ def resolve(path: str | None = None) -> str | None:
   return os.path.abspath(os.path.expanduser(path))
 
 
+def _settings(folder: str) -> dict:
+  """JAX's config options that put the cache in `folder`."""
+  return {'jax_enable_compilation_cache': True,
+          'jax_compilation_cache_dir': folder,
+          'jax_persistent_cache_min_compile_time_secs': MIN_COMPILE_SECONDS,
+          'jax_persistent_cache_min_entry_size_bytes': 0}
+
+
 def enable(path: str | None = None) -> str | None:
   """Turns the persistent cache on in `path` (see `resolve`), or leaves it
   off; returns the folder used. Call before the first compilation."""
@@ -39,9 +47,17 @@ def enable(path: str | None = None) -> str | None:
     jax.config.update('jax_enable_compilation_cache', False)
     return None
   os.makedirs(folder, exist_ok=True)
-  jax.config.update('jax_enable_compilation_cache', True)
-  jax.config.update('jax_compilation_cache_dir', folder)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                    MIN_COMPILE_SECONDS)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  for name, value in _settings(folder).items():
+    jax.config.update(name, value)
   return folder
+
+
+def environment(folder: str) -> dict:
+  """The variables that give a child Python process the cache in `folder`
+  (`enable`'s settings as JAX reads them from the environment, for children
+  that never call `enable`, e.g. `python -c` scripts), and
+  `$CNN_COMPILATION_CACHE` for the experiment scripts."""
+  env = {name.upper(): str(value).lower() if isinstance(value, bool)
+         else str(value) for name, value in _settings(folder).items()}
+  env['CNN_COMPILATION_CACHE'] = folder
+  return env

@@ -59,3 +59,13 @@ def test_the_cache_folder_comes_from_the_flag_or_the_environment(
   monkeypatch.delenv('CNN_COMPILATION_CACHE')
   assert compile_cache.resolve(None) == os.path.expanduser(
       '~/.cache/cnn/jax')
+
+
+def test_child_processes_get_the_same_settings_from_the_environment():
+  env = compile_cache.environment('/tmp/c')
+  assert env == {'JAX_ENABLE_COMPILATION_CACHE': 'true',
+                 'JAX_COMPILATION_CACHE_DIR': '/tmp/c',
+                 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': str(
+                     compile_cache.MIN_COMPILE_SECONDS),
+                 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+                 'CNN_COMPILATION_CACHE': '/tmp/c'}
