@@ -98,10 +98,11 @@ def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
   return step, state
 
 
-def resnet8_after_steps(steps: int = 3, **step_kwargs):
+def resnet8_after_steps(steps: int = 2, **step_kwargs):
   """(state, last loss) after `steps` train steps of cifar_resnet8 on one
   fixed random batch of 8, with `classifier_step(..., **step_kwargs)`: for
-  tests that compare two ways of compiling the same step."""
+  tests that compare two ways of compiling the same step
+  (`assert_same_training`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cnn import models  # pylint: disable=g-import-not-at-top
@@ -116,6 +117,33 @@ def resnet8_after_steps(steps: int = 3, **step_kwargs):
   for _ in range(steps):
     state, m = train_step(state, batch)
   return jax.device_get(state), float(m['loss'])
+
+
+def assert_same_training(a, b, leaf_rel: float = 2e-3):
+  """Two `resnet8_after_steps()` results agree to float32 rounding: the
+  loss to 1e-5, and every parameter and BatchNorm statistic to `leaf_rel`
+  of its leaf's largest magnitude.
+
+  Why per leaf, not per element: at learning rate 0.1 on a batch of 8,
+  BatchNorm amplifies rounding about 50x a step. YNNPACK against Eigen on
+  an AVX-512 Xeon (2026-12-06) differed by 7e-6, 3e-4 and 2.4e-3 of a
+  leaf's largest value after 1, 2 and 3 steps; a BatchNorm bias near zero
+  then fails any element-wise rtol. A wrong gradient (a chunk dropped or
+  counted twice) moves a leaf by a good part of its whole update, far
+  beyond `leaf_rel`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  (s_a, loss_a), (s_b, loss_b) = a, b
+  assert loss_a == pytest.approx(loss_b, rel=1e-5)
+  for path, x, y in zip(
+      [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(
+          (s_a.params, s_a.batch_stats))],
+      jax.tree.leaves((s_a.params, s_a.batch_stats)),
+      jax.tree.leaves((s_b.params, s_b.batch_stats))):
+    scale = float(np.max(np.abs(y)))
+    np.testing.assert_allclose(x, y, rtol=0, atol=leaf_rel * scale + 1e-8,
+                               err_msg=path)
 
 
 def once_per_session(tmp_path_factory, name: str, compute):

@@ -10,7 +10,7 @@ import pytest
 
 from cnn.errors import ConfigError
 from cnn.ops import conv
-from tests.conftest import resnet8_after_steps
+from tests.conftest import assert_same_training, resnet8_after_steps
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -148,16 +148,6 @@ def test_small_shapes_are_not_measured(tmp_path, monkeypatch):
   assert not (tmp_path / 'plan.json').exists()
 
 
-def _assert_same_training(a, b):
-  """Two `resnet8_after_steps()` results agree to float32 rounding: loss,
-  parameters and BatchNorm statistics."""
-  (s_a, loss_a), (s_b, loss_b) = a, b
-  assert loss_a == pytest.approx(loss_b, rel=1e-5)
-  for x, y in zip(jax.tree.leaves((s_a.params, s_a.batch_stats)),
-                  jax.tree.leaves((s_b.params, s_b.batch_stats))):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-
-
 def test_train_steps_with_chunks_keep_the_math():
   """A few train steps of a CIFAR ResNet: the library's chunked weight
   gradients give XLA's parameters and loss to float32 rounding."""
@@ -165,7 +155,7 @@ def test_train_steps_with_chunks_keep_the_math():
   for pol in ('xla', 4):
     with conv.policy(pol):
       results.append(resnet8_after_steps())
-  _assert_same_training(*results)
+  assert_same_training(*results)
 
 
 def test_bad_policy_is_refused_before_the_run(tmp_path, monkeypatch):
@@ -203,7 +193,7 @@ def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
   for engine in ('ynnpack', 'eigen'):
     with conv.engine(engine), conv.policy('xla'):
       results.append(resnet8_after_steps())
-  _assert_same_training(*results)
+  assert_same_training(*results)
 
 
 def test_bad_engine_is_one_line(monkeypatch):

@@ -17,6 +17,7 @@ from cnn.training import step as step_lib
 from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tests.conftest import (ROOT, SHARED_TFDS, classifier_step, metric_rows,
                             requires_cifar10_jpeg, resnet8_after_steps,
+                            assert_same_training,
                             small_config)
 
 
@@ -78,12 +79,8 @@ def test_loss_falls_on_a_fixed_batch():
 
 def test_cpu_compiler_options_keep_the_math():
   """The library's CPU train-step options change speed, not results."""
-  results = [resnet8_after_steps(compiler_options=options)
-             for options in (step_lib.CPU_COMPILER_OPTIONS, None)]
-  (s_a, loss_a), (s_b, loss_b) = results
-  assert loss_a == pytest.approx(loss_b, rel=1e-5)
-  for a, b in zip(jax.tree.leaves(s_a.params), jax.tree.leaves(s_b.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert_same_training(*[resnet8_after_steps(compiler_options=options)
+                         for options in (step_lib.CPU_COMPILER_OPTIONS, None)])
 
 
 def test_cpu_fusion_setting_is_0_or_1(monkeypatch):
