@@ -206,6 +206,9 @@ def test_a_sweep_rerun_with_other_overrides_is_refused(tmp_path, capsys):
 
 @requires_cifar10_jpeg
 def test_sigterm_stops_the_parallel_workers(tmp_path):
+  """SIGTERM to the runner while both workers train: each saves its step,
+  the runner exits 130 and leaves no worker behind."""
+  import glob  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -215,6 +218,7 @@ def test_sigterm_stops_the_parallel_workers(tmp_path):
        '--config=configs/plain_vs_resnet.py:local,depths=8',
        f'--workdir={tmp_path}', '--parallel=2',
        '--config.dataset=cifar10_jpeg', f'--config.data_dir={SHARED_TFDS}',
+       '--config.train_split=train[:512]', '--config.test_split=test[:32]',
        '--config.num_train_steps=100000'], cwd=ROOT,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   pids = []
@@ -223,11 +227,21 @@ def test_sigterm_stops_the_parallel_workers(tmp_path):
     assert line, runner.stderr.read()
     if 'started (pid' in line:
       pids.append(int(line.split('pid ')[1].split(',')[0]))
-  time.sleep(20)  # the workers are loading data or training
+  # Until both workers have run a train step (their progress line), not a
+  # fixed sleep: the signal must find them training, not importing.
+  logs = lambda: [open(f).read() for f in
+                  sorted(glob.glob(str(tmp_path / '*' / 'sweep.log')))]
+  deadline = time.time() + 240
+  while not (len(logs()) == 2 and all('compiled and ran the first step' in t
+                                      for t in logs())):
+    assert time.time() < deadline and runner.poll() is None, logs()
+    time.sleep(0.2)
   runner.send_signal(signal.SIGTERM)
   _, err = runner.communicate(timeout=200)
   assert runner.returncode == 130, err
   assert 'sweep stopped: 2 worker(s)' in err
+  for text in logs():  # each worker saved the step it was at
+    assert ': checkpoint ' in text and ' saved in ' in text, text[-2000:]
   for pid in pids:  # no worker left behind
     with pytest.raises(ProcessLookupError):
       os.kill(pid, 0)
