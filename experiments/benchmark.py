@@ -16,9 +16,10 @@ pipeline's own rate (`TrainBatches` + host->device copy on the real
 needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
 bfloat16 side by side; `--compare=fusion` the train step compiled without
-XLA:CPU's fusion pass (the library's CPU default, `CNN_XLA_CPU_FUSION=0`)
-against with it (`=1`), both with the convolution engine in effect (CPU
-only); `--compare=conv` XLA's own convolution weight gradient against the
+XLA:CPU's fusion pass (`CNN_XLA_CPU_FUSION=0`) against with it (`=1`),
+both with the convolution engine in effect (CPU only; the library's
+default, auto, keeps the pass only with the chunked weight gradient on
+YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight gradient against the
 library's, summed over batch chunks chosen per shape by measurement
 (`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution kernels, YNNPACK (XLA's default) against Eigen
 (`CNN_XLA_CPU_CONV=eigen`), train and eval steps alike. Variants are timed

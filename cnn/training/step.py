@@ -26,29 +26,39 @@ from cnn.training.state import TrainState
 # XLA:CPU's instruction fusion duplicates the elementwise residual stream
 # (BatchNorm -> add -> ReLU, block after block) into the transposes that feed
 # every weight-gradient convolution, so each transpose recomputes several
-# layers and the cost grows with depth; in the profile of cifar_resnet20 these
-# `transpose_copy_fusion`s took more time than all the convolutions. Without
-# the pass every tensor is computed once and stored; the arithmetic is the
-# same (see `experiments/benchmark.py --compare=fusion` for the measured
-# effect). With the chunked weight gradient of `cnn.ops.conv` and Eigen's
-# convolutions the pass measured faster on one AVX2 CPU for resnet20 and 20 %
-# slower on another for resnet56 (README, Speed), so the default stays off.
-# CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 (or unset) turns it off.
+# layers and the cost grows with depth; with XLA's own weight gradient these
+# `transpose_copy_fusion`s took more time than all the convolutions of
+# cifar_resnet20, and the step without the pass was 1.15-1.97x faster on
+# AVX-512 CPUs. With the chunked weight gradient of `cnn.ops.conv` the
+# balance turned: on YNNPACK's convolutions (XLA's default) the fused step was
+# faster in 5 of 6 side-by-side measurements (cifar_resnet20 1.12-1.20x,
+# cifar_resnet56 0.97-1.08x, an AVX2 EPYC and an AVX-512 Xeon), while on
+# Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
+# resnet56 20 % on one EPYC (README, Speed). So `auto`, the default, keeps
+# the pass exactly where it measured faster: chunked weight gradient and
+# YNNPACK convolutions. CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 turns it
+# off; the arithmetic is the same either way.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 ENV_FUSION = 'CNN_XLA_CPU_FUSION'
 
 
 def current_fusion() -> bool:
-  """Whether the CPU train step keeps XLA's fusion pass (`ENV_FUSION`).
+  """Whether the CPU train step keeps XLA's fusion pass (`ENV_FUSION`: 1,
+  0, or auto, the default: on with the chunked weight gradient on YNNPACK's
+  convolutions, off otherwise).
 
   Raises:
-    ConfigError: the variable holds something else than 0 or 1.
+    ConfigError: the variable holds something else than 0, 1 or auto.
   """
-  value = os.environ.get(ENV_FUSION, '').strip() or '0'
-  if value not in ('0', '1'):
+  value = os.environ.get(ENV_FUSION, '').strip().lower() or 'auto'
+  if value not in ('0', '1', 'auto'):
     raise ConfigError(
         f"{ENV_FUSION}={value!r} is not a fusion setting: use 1 (XLA's "
-        'fusion pass) or 0 (none, the default)')
+        'fusion pass), 0 (none) or auto (the default: the pass with the '
+        "chunked weight gradient on YNNPACK's convolutions)")
+  if value == 'auto':
+    return (conv_ops.current_engine() == 'ynnpack'
+            and conv_ops.current_policy() != 'xla')
   return value == '1'
 
 

@@ -83,20 +83,35 @@ def test_cpu_compiler_options_keep_the_math():
                          for options in (step_lib.CPU_COMPILER_OPTIONS, None)])
 
 
-def test_cpu_fusion_setting_is_0_or_1(monkeypatch):
-  """CNN_XLA_CPU_FUSION=1 keeps XLA's fusion pass, 0 or unset turns it off
-  (before, any non-empty value, 0 included, kept it); anything else is one
-  line before a run."""
+def test_cpu_fusion_setting_is_0_1_or_auto(monkeypatch):
+  """CNN_XLA_CPU_FUSION=1 keeps XLA's fusion pass, 0 turns it off (before,
+  any non-empty value, 0 included, kept it); auto or unset keeps it only
+  with the chunked weight gradient on YNNPACK's convolutions; anything else
+  is one line before a run."""
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(conv_ops.ENV_ENGINE, 'eigen')
+  monkeypatch.setenv(conv_ops.ENV_POLICY, 'auto')
   engine = conv_ops.engine_compiler_options()
-  for value, fused in (('1', True), ('0', False), ('', False)):
+  for value, fused in (('1', True), ('0', False), ('', False),
+                       ('auto', False)):
     monkeypatch.setenv(step_lib.ENV_FUSION, value)
     assert step_lib.current_fusion() == fused
     assert step_lib.default_compiler_options() == (
         engine if fused else {**engine, **step_lib.CPU_COMPILER_OPTIONS})
   monkeypatch.delenv(step_lib.ENV_FUSION)
   assert not step_lib.current_fusion()
+  # auto: on only where it measured faster.
+  for engine_name, pol, fused in (('ynnpack', 'auto', True),
+                                  ('ynnpack', '8', True),
+                                  ('ynnpack', 'xla', False),
+                                  ('eigen', '8', False)):
+    monkeypatch.setenv(conv_ops.ENV_ENGINE, engine_name)
+    monkeypatch.setenv(conv_ops.ENV_POLICY, pol)
+    assert step_lib.current_fusion() == fused, (engine_name, pol)
+    want = dict(conv_ops.engine_compiler_options() or {})
+    if not fused:
+      want.update(step_lib.CPU_COMPILER_OPTIONS)
+    assert step_lib.default_compiler_options() == (want or None)
   monkeypatch.setenv(step_lib.ENV_FUSION, 'yes')
   c = small_config()
   with pytest.raises(ConfigError, match="^CNN_XLA_CPU_FUSION='yes' is not a "
