@@ -221,27 +221,28 @@ def test_integration_real_cifar10_jpeg(tmp_path):
 
 @requires_cifar10_jpeg
 def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
-  """The CLI killed with SIGKILL mid-run, restarted, matches a clean run."""
+  """The CLI killed with SIGKILL mid-run, restarted, matches a clean run
+  (trained in this process: the same library call, one TensorFlow import
+  less)."""
   import signal
   import subprocess
   import sys
   import time
-  args = ['--config=configs/cifar10.py:lenet5', '--config.dataset=cifar10_jpeg',
-          f'--config.data_dir={SHARED_TFDS}', '--config.train_split=train[:2048]',
-          '--config.test_split=test[:500]', '--config.batch_size=32',
-          '--config.num_train_steps=120', '--config.eval_every_steps=20',
-          '--config.checkpoint_every_steps=20', '--config.log_every_steps=10',
-          '--config.tensorboard=False']
-  root = str(ROOT)
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  overrides = dict(dataset='cifar10_jpeg', data_dir=str(SHARED_TFDS),
+                   train_split='train[:2048]', test_split='test[:500]',
+                   batch_size=32, num_train_steps=120, eval_every_steps=20,
+                   checkpoint_every_steps=20, log_every_steps=10,
+                   tensorboard=False)
+  args = ['--config=configs/cifar10.py:lenet5'] + [
+      f'--config.{k}={v}' for k, v in overrides.items()]
   cmd = [sys.executable, '-m', 'experiments.train'] + args
   clean, killed = tmp_path / 'clean', tmp_path / 'killed'
-  first = subprocess.run(cmd + [f'--workdir={clean}'], cwd=root, check=True,
-                         capture_output=True, text=True)
-  # A quiet console: our progress lines, from right after compilation on.
-  assert first.stdout.splitlines()[0].startswith(
-      'step 1/120: compiled and ran the first step in')
-  assert 'checkpoint_manager.py' not in first.stderr
-  proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=root,
+  c = cifar10.get_config('lenet5')
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  loop.train_and_evaluate(c, str(clean))
+  proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=str(ROOT),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -249,11 +250,17 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
     if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
       break
     time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=root, check=True,
-                       capture_output=True, text=True)
-  assert 'resuming from step' in out.stdout
+  out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=str(ROOT),
+                       check=True, capture_output=True, text=True)
+  lines = out.stdout.splitlines()
+  assert lines[0].startswith('resuming from step'), lines[:3]
+  # A quiet console: our progress lines, from right after compilation on.
+  assert lines[1].startswith('step ') and (
+      '/120: compiled and ran the first step in' in lines[1]), lines[:3]
+  assert 'checkpoint_manager.py' not in out.stderr
   assert records(killed) == records(clean)
 
 
