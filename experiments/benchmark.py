@@ -19,10 +19,11 @@ bfloat16 side by side; `--compare=fusion` the train step compiled without
 XLA:CPU's fusion pass (`CNN_XLA_CPU_FUSION=0`) against with it (`=1`),
 both with the convolution engine in effect (CPU only; the library's
 default, auto, keeps the pass only with the chunked weight gradient on
-YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight gradient against the
-library's, summed over batch chunks chosen per shape by measurement
-(`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution kernels, YNNPACK (XLA's default) against Eigen
-(`CNN_XLA_CPU_CONV=eigen`), train and eval steps alike. Variants are timed
+YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight
+gradient against the library's, summed over batch chunks chosen per shape
+by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution
+kernels, YNNPACK (XLA's default) against Eigen (`CNN_XLA_CPU_CONV=eigen`),
+train and eval steps alike. Variants are timed
 round-robin, one step each per round, so that load from other processes hits
 them alike.
 

@@ -268,6 +268,14 @@ def choose(times: dict[int, float], within: float = TOLERANCE) -> int:
   return min(m for m, t in times.items() if t <= best * (1 + within))
 
 
+def may_chunk() -> bool:
+  """Whether the policy may split weight gradients into chunks here: not
+  under 'xla', and not in a step over more than one device (the chunk
+  counts are measured on one; a chunk of the global batch would span
+  devices, so such a step keeps XLA's)."""
+  return current_policy() != 'xla' and jax.device_count() == 1
+
+
 def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
                out_shape) -> int:
   """The chunk count the current policy gives this convolution."""
@@ -282,9 +290,7 @@ def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
     return pol
   if weight_grad_macs(lhs_shape, rhs_shape, dn, out_shape) < MIN_TUNE_MACS:
     return 1
-  if jax.device_count() > 1:
-    # Measured on one device; a step sharded over several keeps XLA's (a
-    # chunk of the global batch would span devices).
+  if not may_chunk():
     return 1
   key = _shape_key(lhs_shape, rhs_shape, strides, padding, dn, dtype)
   entry = _load_plan().get(machine_key(), {}).get(key)

@@ -35,8 +35,8 @@ from cnn.training.state import TrainState
 # cifar_resnet56 0.97-1.08x, an AVX2 EPYC and an AVX-512 Xeon), while on
 # Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
 # resnet56 20 % on one EPYC (README, Speed). So `auto`, the default, keeps
-# the pass exactly where it measured faster: chunked weight gradient and
-# YNNPACK convolutions. CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 turns it
+# the pass exactly where it measured faster: chunked weight gradient (one
+# device, policy not 'xla') and YNNPACK convolutions. CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 turns it
 # off; the arithmetic is the same either way.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 ENV_FUSION = 'CNN_XLA_CPU_FUSION'
@@ -57,8 +57,7 @@ def current_fusion() -> bool:
         'fusion pass), 0 (none) or auto (the default: the pass with the '
         "chunked weight gradient on YNNPACK's convolutions)")
   if value == 'auto':
-    return (conv_ops.current_engine() == 'ynnpack'
-            and conv_ops.current_policy() != 'xla')
+    return conv_ops.current_engine() == 'ynnpack' and conv_ops.may_chunk()
   return value == '1'
 
 

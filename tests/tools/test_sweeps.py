@@ -208,7 +208,6 @@ def test_a_sweep_rerun_with_other_overrides_is_refused(tmp_path, capsys):
 def test_sigterm_stops_the_parallel_workers(tmp_path):
   """SIGTERM to the runner while both workers train: each saves its step,
   the runner exits 130 and leaves no worker behind."""
-  import glob  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -229,8 +228,7 @@ def test_sigterm_stops_the_parallel_workers(tmp_path):
       pids.append(int(line.split('pid ')[1].split(',')[0]))
   # Until both workers have run a train step (their progress line), not a
   # fixed sleep: the signal must find them training, not importing.
-  logs = lambda: [open(f).read() for f in
-                  sorted(glob.glob(str(tmp_path / '*' / 'sweep.log')))]
+  logs = lambda: [p.read_text() for p in sorted(tmp_path.glob('*/sweep.log'))]
   deadline = time.time() + 240
   while not (len(logs()) == 2 and all('compiled and ran the first step' in t
                                       for t in logs())):

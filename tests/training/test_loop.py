@@ -112,6 +112,11 @@ def test_cpu_fusion_setting_is_0_1_or_auto(monkeypatch):
     if not fused:
       want.update(step_lib.CPU_COMPILER_OPTIONS)
     assert step_lib.default_compiler_options() == (want or None)
+  # A step over several devices keeps XLA's weight gradient, so no fusion.
+  monkeypatch.setenv(conv_ops.ENV_ENGINE, 'ynnpack')
+  monkeypatch.setenv(conv_ops.ENV_POLICY, 'auto')
+  monkeypatch.setattr(jax, 'device_count', lambda: 2)
+  assert not conv_ops.may_chunk() and not step_lib.current_fusion()
   monkeypatch.setenv(step_lib.ENV_FUSION, 'yes')
   c = small_config()
   with pytest.raises(ConfigError, match="^CNN_XLA_CPU_FUSION='yes' is not a "
