@@ -99,11 +99,13 @@ class Run:
 
   def __init__(self, config, workdir: str, read_only: bool = False,
                train: bool = True):
+    # Before anything that starts JAX's backend (validate_config asks it for
+    # the platform), which `jax.distributed.initialize` must precede.
+    sharding.maybe_initialize_distributed()
     self.task = tasks.get(config)
     validate_config(config, self.task)
     self.config = config
     self.workdir = workdir
-    sharding.maybe_initialize_distributed()
     self.mesh = sharding.make_mesh()
     sharding.check_batch_size(config.batch_size, self.mesh)
     if 'eval_batch_size' in config:
@@ -352,6 +354,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
+  # A multi-host run joins its peers first: validate_config starts JAX's
+  # backend, after which `jax.distributed.initialize` refuses to run.
+  sharding.maybe_initialize_distributed()
   # A config that cannot work is refused before anything is created.
   validate_config(config, tasks.get(config))
   run_folder.prepare(workdir)
@@ -374,6 +379,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   # Local import: metric writing pulls in TensorFlow's summary ops.
   from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
   run = Run(config, workdir)
+  if jax.process_count() > 1:
+    print(f'multi-host: process {jax.process_index()} of '
+          f'{jax.process_count()}, {jax.device_count()} devices in all '
+          f'({jax.local_device_count()} here)', flush=True)
   task = run.task
   total = int(config.num_train_steps)
   saved = run_folder.read_config(workdir)

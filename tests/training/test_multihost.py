@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 
 from cnn.training import checkpointing, transfer
-from tests.conftest import ROOT, metric_rows
+from tests.conftest import (ROOT, SHARED_TFDS, metric_rows,
+                            requires_cifar10_jpeg)
 
 _SCRIPT = textwrap.dedent('''
     import json, sys
@@ -87,3 +88,43 @@ def test_two_processes_train_the_steps_of_one_process_with_two_devices(
     for path in want:
       np.testing.assert_allclose(got[path], want[path], atol=1e-5, rtol=1e-5,
                                  err_msg=path)
+
+
+@requires_cifar10_jpeg
+def test_a_sweep_member_runs_on_two_hosts_with_the_readme_launch(tmp_path):
+  """The README's launch, `experiments.sweep --only=^MEMBER$` with
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, on two
+  processes: they join before anything starts JAX's backend (the CLI used
+  to fail there with the library's default settings), train the member
+  together and write its folder once."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  # The library's own defaults, not the suite's (conftest pins these, and
+  # the default weight-gradient policy is what asked for the backend).
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('CNN_CONV_WEIGHT_GRAD', 'CNN_XLA_CPU_FUSION',
+                      'CNN_XLA_CPU_CONV')}
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+             JAX_NUM_PROCESSES='2')
+  cmd = [sys.executable, '-m', 'experiments.sweep',
+         '--config=configs/plain_vs_resnet.py:local,depths=8',
+         f'--workdir={tmp_path}', '--only=^resnet8_s0$',
+         '--config.dataset=cifar10_jpeg', f'--config.data_dir={SHARED_TFDS}',
+         '--config.train_split=train[:256]', '--config.test_split=test[:64]']
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, err[-3000:]
+    assert f'multi-host: process {i} of 2, 2 devices in all (1 here)' in out
+    assert '| resnet8_s0 | done | 4/4 |' in out
+  member = tmp_path / 'resnet8_s0'
+  rows = metric_rows(member)
+  # Written once, by process 0: one row per logged step and split.
+  keys = [(r['step'], r['split']) for r in rows]
+  assert len(keys) == len(set(keys)) and (4, 'test') in keys
+  steps, _ = _saved(member)
+  assert steps[-1] == 4
