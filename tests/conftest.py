@@ -4,11 +4,12 @@ import pathlib
 
 import pytest
 
-# The CPU train step is compiled without XLA's fusion pass by default (faster
-# steps, 2.5x slower compiles; see cnn/training/step.py). The suite compiles many tiny
-# nets and runs few steps, so it keeps XLA's defaults;
-# tests/training/test_loop.py::test_cpu_compiler_options_keep_the_math checks the
-# library default against them explicitly.
+# The CPU train step drops XLA's fusion pass where that measured faster
+# (`CNN_XLA_CPU_FUSION=auto`, see cnn/training/step.py), at slower compiles.
+# The suite compiles many tiny nets and runs few steps, so it keeps XLA's
+# defaults everywhere;
+# tests/training/test_loop.py::test_cpu_compiler_options_keep_the_math checks
+# the pass-off step against them explicitly.
 os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
 # Likewise the convolution weight gradient: on CPU the library measures, per
 # shape, a batch split that makes it faster (cnn/ops/conv.py), at the price
