@@ -137,14 +137,12 @@ def assert_same_training(a, b, leaf_rel: float = 2e-3):
   import numpy as np  # pylint: disable=g-import-not-at-top
   (s_a, loss_a), (s_b, loss_b) = a, b
   assert loss_a == pytest.approx(loss_b, rel=1e-5)
-  for path, x, y in zip(
-      [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(
-          (s_a.params, s_a.batch_stats))],
-      jax.tree.leaves((s_a.params, s_a.batch_stats)),
+  for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path((s_a.params, s_a.batch_stats)),
       jax.tree.leaves((s_b.params, s_b.batch_stats))):
     scale = float(np.max(np.abs(y)))
     np.testing.assert_allclose(x, y, rtol=0, atol=leaf_rel * scale + 1e-8,
-                               err_msg=path)
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def once_per_session(tmp_path_factory, name: str, compute):

@@ -230,9 +230,12 @@ def test_sigterm_stops_the_parallel_workers(tmp_path):
   # fixed sleep: the signal must find them training, not importing.
   logs = lambda: [p.read_text() for p in sorted(tmp_path.glob('*/sweep.log'))]
   deadline = time.time() + 240
-  while not (len(logs()) == 2 and all('compiled and ran the first step' in t
-                                      for t in logs())):
-    assert time.time() < deadline and runner.poll() is None, logs()
+  while True:
+    texts = logs()
+    if len(texts) == 2 and all('compiled and ran the first step' in t
+                               for t in texts):
+      break
+    assert time.time() < deadline and runner.poll() is None, texts
     time.sleep(0.2)
   runner.send_signal(signal.SIGTERM)
   _, err = runner.communicate(timeout=200)

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 
-from cnn.training import checkpointing, transfer
+from cnn.training import checkpointing, run_folder, transfer
 from tests.conftest import (ROOT, SHARED_TFDS, metric_rows,
                             requires_cifar10_jpeg)
 
@@ -126,5 +126,4 @@ def test_a_sweep_member_runs_on_two_hosts_with_the_readme_launch(tmp_path):
   # Written once, by process 0: one row per logged step and split.
   keys = [(r['step'], r['split']) for r in rows]
   assert len(keys) == len(set(keys)) and (4, 'test') in keys
-  steps, _ = _saved(member)
-  assert steps[-1] == 4
+  assert run_folder.checkpoint_steps(str(member))[-1] == 4
