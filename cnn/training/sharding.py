@@ -58,7 +58,7 @@ def maybe_initialize_distributed() -> None:
   if missing:
     raise ConfigError(
         f'JAX_COORDINATOR_ADDRESS={address} is set but {" and ".join(missing)} '
-        'is not: launch process i of N with JAX_NUM_PROCESSES=N '
+        f'{"are" if len(missing) > 1 else "is"} not: launch process i of N with JAX_NUM_PROCESSES=N '
         'JAX_PROCESS_ID=i')
   # Cross-process collectives of the CPU backend (no effect on GPU / TPU).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
