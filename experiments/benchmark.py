@@ -23,9 +23,8 @@ YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight
 gradient against the library's, summed over batch chunks chosen per shape
 by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution
 kernels, YNNPACK (XLA's default) against Eigen (`CNN_XLA_CPU_CONV=eigen`),
-train and eval steps alike. Variants are timed
-round-robin, one step each per round, so that load from other processes hits
-them alike.
+train and eval steps alike. Variants are timed round-robin, one step each
+per round, so that load from other processes hits them alike.
 
 `--layers` prints the per-layer view instead: every distinct convolution of
 the model at the train batch, its forward pass, input gradient and weight

@@ -34,14 +34,9 @@ def run(fn, *args, cache_default: str = '', **kwargs):
       sys.argv):
     logging.set_verbosity(logging.WARNING)
   from cnn.training import compile_cache  # pylint: disable=g-import-not-at-top
-  from cnn.training import sharding  # pylint: disable=g-import-not-at-top
   compile_cache.enable(_CACHE.value if flags.FLAGS['compilation_cache'].present
                        else cache_default)
   try:
-    # A multi-host launch (JAX_COORDINATOR_ADDRESS, ...) joins its peers
-    # before anything can start JAX's backend: `jax.distributed.initialize`
-    # refuses to run after it.
-    sharding.maybe_initialize_distributed()
     return fn(*args, **kwargs)
   except UserError as e:
     if type(e).__name__ == 'Interrupted':  # Ctrl-C / SIGTERM, step saved

@@ -57,9 +57,9 @@ def maybe_initialize_distributed() -> None:
              if not os.environ.get(v, '').isdigit()]
   if missing:
     raise ConfigError(
-        f'JAX_COORDINATOR_ADDRESS={address} is set but {" and ".join(missing)} '
-        f'{"are" if len(missing) > 1 else "is"} not: launch process i of N with JAX_NUM_PROCESSES=N '
-        'JAX_PROCESS_ID=i')
+        f'JAX_COORDINATOR_ADDRESS={address} is set but '
+        f'{" and ".join(missing)} {"are" if len(missing) > 1 else "is"} not: '
+        'launch process i of N with JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i')
   # Cross-process collectives of the CPU backend (no effect on GPU / TPU).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(

@@ -36,8 +36,8 @@ from cnn.training.state import TrainState
 # Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
 # resnet56 20 % on one EPYC (README, Speed). So `auto`, the default, keeps
 # the pass exactly where it measured faster: chunked weight gradient (one
-# device, policy not 'xla') and YNNPACK convolutions. CNN_XLA_CPU_FUSION=1 keeps XLA's fusion, 0 turns it
-# off; the arithmetic is the same either way.
+# device, policy not 'xla') and YNNPACK convolutions. CNN_XLA_CPU_FUSION=1
+# keeps XLA's fusion, 0 turns it off; the arithmetic is the same either way.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 ENV_FUSION = 'CNN_XLA_CPU_FUSION'
 
