@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The oneDNN convolution (cnn/ops/native): compiled with the system g++,
+# rebuilt when its source changes; without it the convolution is XLA's.
 setup: $(VENV)/.installed
+	$(PY) -m cnn.ops.native.build
 
 train: setup
 	$(PY) -m experiments.train --config=configs/cifar10.py:$(MODEL) --workdir=$(WORKDIR) \

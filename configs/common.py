@@ -9,7 +9,9 @@ They are read by the one training loop (`cnn/training/`) whatever the task:
   nesterov, weight_decay, decay_bn_and_bias; init_from / freeze / new_head
   (transfer, applied when a run starts fresh); batch_size, num_train_steps,
   seed; eval / checkpoint / log cadence in steps, keep_checkpoints (the last
-  N; the best by the task's held-out metric is kept too), tensorboard.
+  N; the best by the task's held-out metric is kept too), tensorboard;
+  conv, the convolution's implementation ('auto': oneDNN's kernels on a CPU
+  where they are built, else XLA's; 'onednn'; 'xla': `cnn.ops.conv`).
 """
 from ml_collections import config_dict
 
@@ -60,4 +62,5 @@ def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
   c.log_every_steps = log_every_steps
   c.keep_checkpoints = keep_checkpoints
   c.tensorboard = True
+  c.conv = 'auto'
   return c

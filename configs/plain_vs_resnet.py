@@ -11,6 +11,12 @@ default to the preset's):
   paper  64k iterations, eval every 1k; plain 20/32/44/56, ResNet
          20/32/44/56/110 (ResNet-110 warms up at lr 0.01 for 400 iterations,
          as in the paper); one seed. Hours per member on a GPU.
+  fig6   the paper's recipe compressed to 20 epochs (7,820 iterations; lr
+         /10 at 3,910 and 5,865), eval on all 10,000 test images every
+         epoch (391 iterations); plain and ResNet 20/32/44/56, one seed.
+         Sized so that a 56-layer member fits one 2.5-hour run on a fast
+         CPU; the 20-layer members take ~1.5 h on a 2-core AVX2 EPYC
+         (results/plain_vs_resnet_fig6/ says what each member took where).
   cpu    600 iterations (lr /10 at 300 and 450, i.e. 1.5 epochs), eval
          every 100; depths 8 and 20, seeds 0 and 1. About an hour on 2 idle
          CPU cores. It shows the degradation problem as it looks early in
@@ -46,6 +52,8 @@ from configs import cifar10
 PRESETS = {
     'paper': dict(steps=64_000, eval_every=1_000, plain=(20, 32, 44, 56),
                   resnet=(20, 32, 44, 56, 110), seeds=1),
+    'fig6': dict(steps=20 * 391, eval_every=391, plain=(20, 32, 44, 56),
+                 resnet=(20, 32, 44, 56), seeds=1),
     'cpu': dict(steps=600, eval_every=100, plain=(8, 20), resnet=(8, 20),
                 seeds=2),
     'local': dict(steps=4, eval_every=2, plain=(8,), resnet=(8,), seeds=1),

@@ -2,7 +2,7 @@ r"""Speed and memory of training and evaluation for one model.
 
   python -m experiments.benchmark --config=configs/cifar10.py:cifar_resnet20 \
     [--batch_size=128] [--steps=20] [--dtype=bfloat16] [--torch] \
-    [--compare=dtype|fusion|conv|engine]
+    [--compare=dtype|fusion|conv|engine|onednn]
 
 prints a table: compile time, train images/s (median of --steps steps after
 warm-up, on synthetic uint8 batches through the library's real train step:
@@ -23,7 +23,9 @@ YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight
 gradient against the library's, summed over batch chunks chosen per shape
 by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution
 kernels, YNNPACK (XLA's default) against Eigen (`CNN_XLA_CPU_CONV=eigen`),
-train and eval steps alike. Variants are timed round-robin, one step each
+train and eval steps alike; `--compare=onednn` XLA's convolution (the
+library's, as above) against oneDNN's (`cnn.ops.onednn`, `config.conv`).
+Variants are timed round-robin, one step each
 per round, so that load from other processes hits them alike.
 
 `--layers` prints the per-layer view instead: every distinct convolution of
@@ -60,7 +62,7 @@ _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch reference '
 _CHANNELS_LAST = flags.DEFINE_bool('torch_channels_last', False,
                                    'PyTorch in channels-last memory format.')
 _COMPARE = flags.DEFINE_enum('compare', None,
-                             ['dtype', 'fusion', 'conv', 'engine'],
+                             ['dtype', 'fusion', 'conv', 'engine', 'onednn'],
                              'Two JAX variants side by side: float32 vs '
                              'bfloat16, XLA default fusion vs the '
                              "library's CPU options, XLA's weight "
@@ -159,6 +161,9 @@ def benchmark(config):
   elif _COMPARE.value == 'conv':
     variants = {'jax xla-dW': dict(dtype=dtype, conv_policy='xla'),
                 'jax chunked-dW': dict(dtype=dtype, conv_policy='auto')}
+  elif _COMPARE.value == 'onednn':
+    variants = {'jax xla-conv': dict(dtype=dtype, conv_impl='xla'),
+                'jax onednn-conv': dict(dtype=dtype, conv_impl='onednn')}
   elif _COMPARE.value == 'engine':
     variants = {'jax ynnpack': dict(dtype=dtype, conv_engine='ynnpack'),
                 'jax eigen': dict(dtype=dtype, conv_engine='eigen')}
@@ -167,7 +172,9 @@ def benchmark(config):
   setups = {}
   for name, kw in variants.items():
     with conv_ops.policy(kw.pop('conv_policy', conv_ops.current_policy())), \
-        conv_ops.engine(kw.pop('conv_engine', conv_ops.current_engine())):
+        conv_ops.engine(kw.pop('conv_engine', conv_ops.current_engine())), \
+        conv_ops.implementation(kw.pop(
+            'conv_impl', conv_ops.requested_implementation())):
       setups[name] = bm.jax_setup(config, bs, ebs, **kw)
   first = next(iter(setups.values()))
   train_batch = bm.synthetic_batch(bs, first.image_shape, first.num_classes)

@@ -1,5 +1,14 @@
-"""The library's convolution: XLA's, with the weight gradient chosen per
-shape by measurement on the machine at hand.
+"""The library's convolution: oneDNN's on CPU where it is built, else XLA's
+with the weight gradient chosen per shape by measurement.
+
+* The implementation is a config field (`config.conv`, recorded in
+  config.json; `configure` sets it when a run starts, `implementation(...)`
+  within a block): `auto` (the default) takes oneDNN's kernels
+  (`cnn.ops.onednn`: forward, input and weight gradient as XLA FFI custom
+  calls) on a one-device CPU run where the library is built, XLA's
+  convolution everywhere else; `onednn` insists on it (one-line error where
+  it cannot run); `xla` keeps XLA's. `describe()` is the line a run prints.
+  What follows is about XLA's convolution.
 
 XLA:CPU computes a convolution's weight gradient as one convolution whose
 "kernel" is the whole output gradient; on a 2-core AMD EPYC with AVX2 that
@@ -50,6 +59,7 @@ from jax import lax
 import numpy as np
 
 from cnn.errors import ConfigError
+from cnn.ops import onednn
 
 ENV_POLICY = 'CNN_CONV_WEIGHT_GRAD'
 ENV_ENGINE = 'CNN_XLA_CPU_CONV'
@@ -60,7 +70,11 @@ MIN_TUNE_MACS = 1 << 24
 TUNE_RUNS = 5
 TOLERANCE = 0.05
 
+IMPLEMENTATIONS = ('auto', 'onednn', 'xla')
+
 _policy_override: list = []
+_impl_override: list = []
+_impl_configured: list = ['auto']
 _engine_override: list = []
 
 # XLA:CPU's convolution kernels. jaxlib 0.10 hands every convolution to
@@ -76,6 +90,67 @@ ENGINES = {
     'eigen': {'xla_cpu_experimental_ynn_fusion_type':
               'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
 }
+
+
+def _parse_implementation(value) -> str:
+  text = str(value).strip().lower()
+  if text not in IMPLEMENTATIONS:
+    raise ConfigError(
+        f"conv={value!r} is not a convolution implementation: use 'auto' "
+        "(oneDNN on CPU where built, else XLA), 'onednn' or 'xla'")
+  return text
+
+
+def configure(value) -> None:
+  """Sets the implementation asked for by the run's config (`config.conv`);
+  checked at once (a one-line ConfigError where it cannot run)."""
+  _impl_configured[-1] = _parse_implementation(value)
+  current_implementation()
+
+
+@contextlib.contextmanager
+def implementation(value):
+  """Within the block, convolutions traced use this implementation."""
+  _impl_override.append(_parse_implementation(value))
+  try:
+    current_implementation()
+    yield
+  finally:
+    _impl_override.pop()
+
+
+def requested_implementation() -> str:
+  return (_impl_override or _impl_configured)[-1]
+
+
+def current_implementation() -> str:
+  """'onednn' or 'xla': what convolutions traced now use.
+
+  Raises:
+    ConfigError: 'onednn' was asked for where it cannot run.
+  """
+  asked = requested_implementation()
+  if asked == 'xla':
+    return 'xla'
+  ok, why = onednn.status()
+  if ok and jax.device_count() > 1:
+    ok, why = False, (f'XLA (oneDNN runs on one device; this step spans '
+                      f'{jax.device_count()})')
+  if asked == 'onednn' and not ok:
+    raise ConfigError(f"conv='onednn' cannot run here: {why}; set "
+                      "--config.conv=auto or xla")
+  return 'onednn' if ok else 'xla'
+
+
+def describe() -> str:
+  """One line: the convolution in use and why (a run prints it once)."""
+  if current_implementation() == 'onednn':
+    return onednn.status()[1]
+  asked = requested_implementation()
+  if asked == 'xla':
+    return f"XLA ({current_engine()} kernels; conv='xla')"
+  return onednn.status()[1] if not onednn.status()[0] else (
+      f'XLA ({current_engine()} kernels; oneDNN runs on one device)')
 
 
 def _parse_policy(value) -> str | int:
@@ -273,7 +348,8 @@ def may_chunk() -> bool:
   under 'xla', and not in a step over more than one device (the chunk
   counts are measured on one; a chunk of the global batch would span
   devices, so such a step keeps XLA's)."""
-  return current_policy() != 'xla' and jax.device_count() == 1
+  return (current_policy() != 'xla' and jax.device_count() == 1
+          and current_implementation() == 'xla')
 
 
 def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
@@ -363,10 +439,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   """
   def ones(d):
     return d is None or all(int(v) == 1 for v in np.atleast_1d(d))
-  plain = (ones(lhs_dilation) and ones(rhs_dilation)
-           and feature_group_count == 1 and batch_group_count == 1
-           and precision is None and preferred_element_type is None
-           and current_policy() != 'xla')
+  simple = (ones(lhs_dilation) and ones(rhs_dilation)
+            and feature_group_count == 1 and batch_group_count == 1
+            and precision is None and preferred_element_type is None)
+  if simple and current_implementation() == 'onednn':
+    strides, pads, dn = _normalize(lhs.shape, rhs.shape, window_strides,
+                                   padding, dimension_numbers)
+    if onednn.supports(lhs, rhs, dn):
+      return onednn.conv(lhs, rhs, strides, pads)
+  plain = simple and current_policy() != 'xla'
   if not plain:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,

@@ -33,6 +33,7 @@ from cnn.ops import conv as conv_ops
 from cnn.tasks import base
 from cnn.training import checkpointing
 from cnn.training import optim
+from cnn.training import provenance
 from cnn.training import run_folder
 from cnn.training import sharding
 from cnn.training import state as state_lib
@@ -59,9 +60,11 @@ def validate_config(config, task) -> None:
                       '(0: evaluate only)')
   optim.validate(config)
   task.validate()
-  # $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and $CNN_XLA_CPU_FUSION are
-  # read while a step is built; a bad value is refused here, before anything
-  # runs.
+  # The convolution's implementation (config.conv) is set for the steps this
+  # process builds next; $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and
+  # $CNN_XLA_CPU_FUSION are read while a step is built; a bad value is
+  # refused here, before anything runs.
+  conv_ops.configure(config.get('conv', 'auto'))
   conv_ops.current_policy()
   conv_ops.current_engine()
   step_lib.current_fusion()
@@ -385,6 +388,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
           f'({jax.local_device_count()} here)', flush=True)
   task = run.task
   total = int(config.num_train_steps)
+  if sharding.is_primary():
+    print(f'convolution: {conv_ops.describe()}', flush=True)
   saved = run_folder.read_config(workdir)
   start, window, window_start = 0, [], 0
   latest = run.checkpointer.latest_step()
@@ -429,6 +434,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       epoch_of = lambda _: 0.0
 
   clock = _Clock(saved_meta)
+  if primary and start < total:
+    provenance.start_sitting(workdir, start, conv_ops.describe())
 
   def evaluate_all(s: int, final: bool) -> dict:
     t_eval = time.perf_counter()
@@ -501,6 +508,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
     stop.__exit__()
     run.checkpointer.close()
     writer.close()
+    if primary and start < total:
+      provenance.end_sitting(workdir, int(jax.device_get(state.step)),
+                             clock.fields().get('wall_seconds'))
   return last_eval
 
 

@@ -33,6 +33,9 @@ CADENCE = ('eval_every_steps', 'log_every_steps', 'checkpoint_every_steps',
 # Read only when a run starts: a resumed run continues from its own
 # checkpoint (the record keeps the values it started with).
 FRESH_ONLY = ('init_from', 'new_head')
+# The convolution's implementation: the steps that follow differ from the
+# other's by float32 rounding, so a change is allowed and said.
+ROUNDING = ('conv',)
 
 
 class WorkdirInUse(UserError):
@@ -93,6 +96,9 @@ def resume_check(saved: dict, config, start: int) -> list[str]:
     what = f'{k} {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}'
     if k in CADENCE:
       notes.append(what)
+    elif k in ROUNDING:
+      notes.append(f'{what} (the steps from here differ by float32 '
+                   'rounding from an unchanged run)')
     elif k in FRESH_ONLY:
       notes.append(f'{what} (ignored: the run continues from its own '
                    'checkpoint)')

@@ -34,9 +34,12 @@ from cnn.training.state import TrainState
 # faster in 5 of 6 side-by-side measurements (cifar_resnet20 1.12-1.20x,
 # cifar_resnet56 0.97-1.08x, an AVX2 EPYC and an AVX-512 Xeon), while on
 # Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
-# resnet56 20 % on one EPYC (README, Speed). So `auto`, the default, keeps
-# the pass exactly where it measured faster: chunked weight gradient (one
-# device, policy not 'xla') and YNNPACK convolutions. CNN_XLA_CPU_FUSION=1
+# resnet56 20 % on one EPYC (README, Speed). With oneDNN's convolutions
+# (FFI custom calls, no transposes for XLA to fuse into) the pass made
+# cifar_resnet20's step 1.18x faster on an AVX2 EPYC (results/speed/). So
+# `auto`, the default, keeps the pass exactly where it measured faster:
+# oneDNN's convolutions, or the chunked weight gradient (one device, policy
+# not 'xla') on YNNPACK's. CNN_XLA_CPU_FUSION=1
 # keeps XLA's fusion, 0 turns it off; the arithmetic is the same either way.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
 ENV_FUSION = 'CNN_XLA_CPU_FUSION'
@@ -44,8 +47,8 @@ ENV_FUSION = 'CNN_XLA_CPU_FUSION'
 
 def current_fusion() -> bool:
   """Whether the CPU train step keeps XLA's fusion pass (`ENV_FUSION`: 1,
-  0, or auto, the default: on with the chunked weight gradient on YNNPACK's
-  convolutions, off otherwise).
+  0, or auto, the default: on with oneDNN's convolutions or with the
+  chunked weight gradient on YNNPACK's, off otherwise).
 
   Raises:
     ConfigError: the variable holds something else than 0, 1 or auto.
@@ -57,6 +60,8 @@ def current_fusion() -> bool:
         'fusion pass), 0 (none) or auto (the default: the pass with the '
         "chunked weight gradient on YNNPACK's convolutions)")
   if value == 'auto':
+    if conv_ops.current_implementation() == 'onednn':
+      return True
     return conv_ops.current_engine() == 'ynnpack' and conv_ops.may_chunk()
   return value == '1'
 
