@@ -20,6 +20,7 @@ Names:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from typing import Any, NamedTuple
 
@@ -38,7 +39,8 @@ from cnn.models.vgg import VGG
 
 __all__ = ['AlexNet', 'CifarResNet', 'LeNet5', 'OverFeat', 'ResNet', 'VGG',
            'get_model',
-           'model_names', 'default_input_shape', 'default_num_classes']
+           'model_names', 'close_names', 'default_input_shape',
+           'default_num_classes']
 
 
 class _Variant(NamedTuple):
@@ -143,9 +145,36 @@ def _lookup(name: str) -> _Variant:
     return _Variant(CifarResNet, dict(depth=depth,
                                       residual=family == 'cifar_resnet'),
                     _CIFAR, 10)
+  close = close_names(name)
+  if close:
+    guess = (close[0] if len(close) == 1
+             else f'{", ".join(close[:-1])} or {close[-1]}')
+    raise ValueError(
+        f'unknown model {name!r}; did you mean {guess}? (all '
+        f'{len(model_names())} names: cnn.models.model_names(); and '
+        'cifar_resnet{6n+2} / cifar_plain{6n+2} for any n >= 1)')
   raise ValueError(
       f'unknown model {name!r}; known models: {", ".join(model_names())} '
       '(and cifar_resnet{6n+2} / cifar_plain{6n+2} for any n >= 1)')
+
+
+def close_names(name: str, n: int = 4) -> list[str]:
+  """The known model names nearest to a misspelt one, nearest first.
+
+  Case, '_' and '-' are ignored and a CIFAR net's `cifar_` prefix is
+  optional, so 'resnet_20' finds cifar_resnet20 and 'VGG16' vgg16. The
+  score is difflib's ratio, at least 0.6 (as in `difflib.get_close_matches`)
+  and within 0.15 of the best, so a near-exact match is not drowned out.
+  """
+  def keys(s: str) -> tuple[str, ...]:
+    k = s.lower().replace('_', '').replace('-', '')
+    return (k, k[len('cifar'):]) if k.startswith('cifar') else (k,)
+  query = keys(name)[0]
+  scored = sorted(
+      (-max(difflib.SequenceMatcher(None, query, k).ratio()
+            for k in keys(known)), known) for known in model_names())
+  cutoff = max(0.6, -scored[0][0] - 0.15)
+  return [known for score, known in scored[:n] if -score >= cutoff]
 
 
 def get_model(name: str, *, num_classes: int | None = None,

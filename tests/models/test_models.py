@@ -132,13 +132,32 @@ def test_bad_cifar_depth(name):
 
 
 def test_unknown_name_lists_known_names():
+  # Nothing close: every name, on one line.
   with pytest.raises(ValueError, match='unknown model') as info:
-    models.get_model('resnet19')
+    models.get_model('nosuchnet')
   message = str(info.value)
   assert '\n' not in message
   assert 'resnet18' in message and 'vgg_e' in message
   with pytest.raises(ValueError):
     models.default_input_shape('nope')
+  # An exact match but for case or '_': that one alone.
+  assert models.close_names('VGG16') == ['vgg16']
+  assert models.close_names('nosuchnet') == []
+
+
+@pytest.mark.parametrize('typo, first', [
+    ('resnet_20', 'cifar_resnet20'), ('VGG16', 'vgg16'),
+    ('resnet19', 'resnet18'), ('vgg-d', 'vgg_d'), ('lenet', 'lenet5'),
+    ('cifar_resnt56', 'cifar_resnet56'), ('plain20', 'cifar_plain20')])
+def test_a_misspelt_name_suggests_the_closest(typo, first):
+  close = models.close_names(typo)
+  assert close[0] == first and 1 <= len(close) <= 4
+  with pytest.raises(ValueError) as info:
+    models.get_model(typo)
+  message = str(info.value)
+  assert '\n' not in message
+  assert message.startswith(f"unknown model '{typo}'; did you mean {first}")
+  assert 'vgg_a_lrn' not in message  # not the whole list
 
 
 def test_unknown_override():
