@@ -5,11 +5,17 @@ and 48k iterations, stop at 64k; pad-4 random crop and horizontal flip;
 per-pixel mean subtraction. The argument is the model name (any
 `cifar_resnet{6n+2}` / `cifar_plain{6n+2}` of the registry).
 
-Train ResNet-20 on the prepared JPEG copy of CIFAR-10:
+Train ResNet-20 (`make train`; `make train PRESET=fast STEPS=300` for the
+fast preset cut to 300 steps):
 
   python -m experiments.train --config=configs/cifar10.py:cifar_resnet20 \
-    --workdir=runs/r20 --config.dataset=cifar10_jpeg \
-    --config.data_dir=../shared/data/tfds
+    --workdir=runs/r20
+
+Data: `data_dir` is $TFDS_DATA_DIR when set, else ../shared/data/tfds when
+that folder exists (configs/common.py: data_dir), and `dataset` is the
+prepared JPEG copy `cifar10_jpeg` when data_dir holds it, else TFDS's
+`cifar10`; config.json records both. With another --config.data_dir, name
+the dataset too (`--config.dataset=cifar10`).
 
 Expected: test error about 8.5-9 % at 64k steps (paper: 8.75 % on the original
 CIFAR-10; the JPEG copy costs a little). 300 steps reach about 55 % (measured:
@@ -48,8 +54,10 @@ def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
   c.num_classes = 0  # 0: the dataset's.
   c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
 
-  c.dataset = 'cifar10'
-  c.data_dir = config_dict.placeholder(str)
+  # The prepared JPEG copy where the data folder holds one, else TFDS's own
+  # cifar10 (downloaded into data_dir on first use); see common.data_dir.
+  c.dataset, data_dir = common.dataset_and_dir('cifar10_jpeg', 'cifar10')
+  c.data_dir = common.data_dir_field(data_dir)
   c.train_split = 'train'
   c.test_split = 'test'
   c.val_examples = 0  # 5000: the paper's 45k/5k split (last 5k held out).

@@ -12,8 +12,61 @@ They are read by the one training loop (`cnn/training/`) whatever the task:
   N; the best by the task's held-out metric is kept too), tensorboard;
   conv, the convolution's implementation ('auto': oneDNN's kernels on a CPU
   where they are built, else XLA's; 'onednn'; 'xla': `cnn.ops.conv`).
+
+And the one rule every config names its data folder by (`data_dir`).
 """
+import os
+
 from ml_collections import config_dict
+
+# The prepared TFDS datasets beside the project (../shared/data/tfds from
+# its root): CIFAR-10 as JPEG, MNIST, Tiny ImageNet, ...
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TFDS = os.path.join(os.path.dirname(_ROOT), 'shared', 'data', 'tfds')
+
+
+def data_dir() -> str | None:
+  """The folder TFDS datasets are read from, the same for every config.
+
+  TFDS's own `$TFDS_DATA_DIR` when it is set; else the prepared copies in
+  ../shared/data/tfds beside the project when that folder exists; else None
+  (TFDS's default, ~/tensorflow_datasets, where it downloads on first use).
+  `--config.data_dir=DIR` overrides it, and config.json records the value.
+
+  The shared folder is named relative to the working directory when that is
+  the project's root (as the README's commands run, and as the runs of
+  results/ recorded it, so they resume unchanged), else by its absolute path.
+  """
+  env = os.environ.get('TFDS_DATA_DIR')
+  if env:
+    return env
+  if not os.path.isdir(SHARED_TFDS):
+    return None
+  if os.path.abspath(os.getcwd()) == _ROOT:
+    return os.path.relpath(SHARED_TFDS)
+  return SHARED_TFDS
+
+
+def dataset_and_dir(prepared: str, tfds_name: str) -> tuple[str, str | None]:
+  """The dataset a config reads by default, and its folder (`data_dir()`).
+
+  Args:
+    prepared: a prepared copy (e.g. 'cifar10_jpeg'), read where the folder
+      holds it.
+    tfds_name: TFDS's own dataset (e.g. 'cifar10'), read elsewhere, and
+      downloaded into the folder on first use where there is network.
+  """
+  folder = data_dir()
+  if folder and os.path.isdir(os.path.join(os.path.expanduser(folder),
+                                           prepared)):
+    return prepared, folder
+  return tfds_name, folder
+
+
+def data_dir_field(folder: str | None) -> config_dict.FieldReference:
+  """`folder` as a config field of type str that may be None (TFDS's default
+  folder), so `--config.data_dir=DIR` parses either way."""
+  return config_dict.FieldReference(folder, field_type=str)
 
 
 def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,

@@ -66,7 +66,7 @@ def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
 
   c.dataset = 'synthetic'  # or 'voc' (TFDS voc/2007, single object)
   c.source = 'cifar10_jpeg'
-  c.data_dir = '../shared/data/tfds'
+  c.data_dir = common.data_dir_field(common.data_dir())
   c.train_split = 'train'
   c.test_split = 'test'
   c.train_examples = 0  # 0: the whole split

@@ -3,13 +3,14 @@ r"""MNIST (or Fashion-MNIST) with LeNet-5: a quick sanity run.
   python -m experiments.train --config=configs/mnist.py:lenet5 \
     --workdir=runs/mnist [--config.dataset=fashion_mnist]
 
-Needs the TFDS `mnist` data (downloaded on first use where there is network,
-or a prepared copy via --config.data_dir). Expected: about 0.9 % test error
-after 3 epochs (1,400 steps of 128), a few minutes on a 2-core CPU. Three
-seeds, mean ± std in the table (results/mnist_lenet5/):
+Needs the TFDS `mnist` data in data_dir ($TFDS_DATA_DIR, else the prepared
+copy in ../shared/data/tfds: configs/common.py), downloaded there on first
+use where there is network. Expected: about 0.9 % test error after 3 epochs
+(1,400 steps of 128), a few minutes on a 2-core CPU. Three seeds, mean ± std
+in the table (results/mnist_lenet5/):
 
   python -m experiments.sweep --config=configs/mnist.py:lenet5 \
-    --workdir=runs/mnist_lenet5 --config.data_dir=../shared/data/tfds
+    --workdir=runs/mnist_lenet5
 """
 from configs import cifar10
 

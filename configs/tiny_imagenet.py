@@ -24,12 +24,13 @@ The argument is `MODEL[,PRESET]`:
           (results/tiny_imagenet/).
   local   a few steps of the cpu preset on a tiny subset (tests).
 
-Data: the prepared `tiny_imagenet` in ../shared/data/tfds (250 training
-images per class, the 10,000 validation images held out as `test`; the
-boxes come along for localization). It sits in memory as uint8 (614 MB), so
-the batch of step s is a function of (seed, s) and a resumed run sees the
-same batches. With the official zip (500 per class) build the same dataset
-with `cnn/data/tiny_imagenet_builder.py` and point data_dir at it.
+Data: the prepared `tiny_imagenet` in data_dir ($TFDS_DATA_DIR, else
+../shared/data/tfds: configs/common.py), 250 training images per class, the
+10,000 validation images held out as `test`; the boxes come along for
+localization. It sits in memory as uint8 (614 MB), so the batch of step s is
+a function of (seed, s) and a resumed run sees the same batches. With the
+official zip (500 per class) build the same dataset with
+`cnn/data/tiny_imagenet_builder.py` and point data_dir at it.
 
   python -m experiments.train --config=configs/tiny_imagenet.py:resnet18_64,cpu \
     --workdir=runs/tin_r18_cpu
@@ -71,7 +72,7 @@ def get_config(arg: str = 'resnet18_64,cpu') -> config_dict.ConfigDict:
   c.dtype = 'float32'
 
   c.dataset = 'tiny_imagenet'
-  c.data_dir = '../shared/data/tfds'
+  c.data_dir = common.data_dir_field(common.data_dir())
   c.train_split = 'train'
   c.test_split = 'validation'
   c.val_examples = 0
