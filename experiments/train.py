@@ -4,7 +4,14 @@ r"""Trains a model from a config.
     --workdir=runs/r20 [--config.FIELD=VALUE ...]
 
 Restarting the same command on the same workdir resumes the run.
+`--print_config` prints the resolved config (as the run's config.json will
+hold it, the overrides applied) and exits: the fields a --config.FIELD may
+set.
 """
+import os
+import shutil
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -16,14 +23,50 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder (resumed if it '
                                'holds a run).')
-flags.mark_flags_as_required(['config', 'workdir'])
+_PRINT_CONFIG = flags.DEFINE_bool(
+    'print_config', False, 'Print the resolved config (its fields and '
+    'values, as config.json records them) and exit; no --workdir needed.')
+flags.mark_flags_as_required(['config'])
+
+
+def _remove_if_unused(workdir: str) -> None:
+  """Removes a run folder this process created when the run left nothing in
+  it but its own `.lock` (a dataset that is not there, a bad config): a
+  retry then starts clean, and no empty run is left to mistake for one."""
+  lock = os.path.join(workdir, '.lock')
+  files = [os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs]
+  if any(f != lock for f in files):
+    return
+  try:
+    with open(lock) as f:
+      holder = f.read().strip()
+  except OSError:
+    holder = None  # No lock file: the run stopped before it took one.
+  if holder in (None, '', str(os.getpid())):
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _PRINT_CONFIG.value:
+    try:
+      print(_CONFIG.value.to_json_best_effort(indent=2, sort_keys=True),
+            flush=True)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return
+  if not _WORKDIR.value:
+    print('error: --workdir=DIR is required: the run folder (or '
+          '--print_config to print the config)', file=sys.stderr)
+    sys.exit(2)
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  common.run(loop.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+  fresh = not os.path.exists(_WORKDIR.value)
+  try:
+    common.run(loop.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+  finally:
+    if fresh:
+      _remove_if_unused(_WORKDIR.value)
 
 if __name__ == '__main__':
   app.run(main, flags_parser=common.parse_flags)

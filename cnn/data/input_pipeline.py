@@ -13,8 +13,11 @@ resume (tf.data shuffling), their math is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -40,8 +43,8 @@ def _builder(name: str, data_dir: str | None):
   """Returns a TFDS builder whose data can be read, or raises DataError."""
   _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  if data_dir is not None:
-    data_dir = os.path.expanduser(data_dir)
+  # '' (`--config.data_dir=`) is TFDS's default folder, like None.
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
   where = f'data_dir={data_dir}' if data_dir else 'the default TFDS data_dir'
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -63,17 +66,28 @@ def _as_dataset(builder, split: str, data_dir: str | None):
   except ValueError as e:
     raise DataError(f"dataset '{name}' has no split '{split}' ({e}); "
                     'choose one of its splits in the config') from None
+  # TFDS announces "Downloading and preparing dataset ..." on stdout before
+  # it knows whether the download can work; held back, the line is shown
+  # after a download that worked and dropped with one that did not (its
+  # progress bars go to stderr and stay live).
+  announced = io.StringIO()
   try:
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(announced):
+      builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
     # Without network TFDS fails with unrelated errors (e.g. a missing
-    # `importlib_resources`): name the real problem and the fixes.
+    # `importlib_resources`): name the real problem and the fixes first.
+    cause = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:120]}'
+    where = (f'data_dir {data_dir}' if data_dir
+             else "TFDS's default data_dir")
     raise DataError(
-        f"dataset '{name}' is not prepared under {builder.data_dir} and could "
-        f'not be downloaded ({type(e).__name__}: {str(e).splitlines()[0][:120]}'
-        '); supply a prepared copy with --config.data_dir=DIR, or for a '
-        f'manual-download dataset run `tfds build {name} --manual_dir=DIR` '
-        'on a machine with the files') from None
+        f"dataset '{name}' is not in {where} (looked for {builder.data_dir}) "
+        'and could not be downloaded: put a prepared copy there, or point '
+        f'--config.data_dir=DIR (or $TFDS_DATA_DIR) at a folder holding '
+        f'{name}/, or run `tfds build {name}` (with --manual_dir=DIR for a '
+        'manual-download dataset) on a machine with network and copy the '
+        f'folder (the download failed with {cause})') from None
+  sys.stdout.write(announced.getvalue())
   return builder.as_dataset(split=split, shuffle_files=False)
 
 
