@@ -5,8 +5,8 @@ and 48k iterations, stop at 64k; pad-4 random crop and horizontal flip;
 per-pixel mean subtraction. The argument is the model name (any
 `cifar_resnet{6n+2}` / `cifar_plain{6n+2}` of the registry).
 
-Train ResNet-20 (`make train`; `make train PRESET=fast STEPS=300` for the
-fast preset cut to 300 steps):
+Train ResNet-20 (`make train`; `make train STEPS=300` stops at step 300,
+`make train PRESET=fast` runs the fast preset below):
 
   python -m experiments.train --config=configs/cifar10.py:cifar_resnet20 \
     --workdir=runs/r20

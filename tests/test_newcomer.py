@@ -41,10 +41,10 @@ def test_make_train_is_the_paper_recipe_and_variables_choose():
   assert '--workdir=runs/cifar_resnet20 ' in paper
   assert 'num_train_steps' not in paper and 'data_dir' not in paper
   assert 'TFDS_DATA_DIR' not in paper
-  fast = _make_n('PRESET=fast', 'STEPS=300')
+  fast = _make_n('PRESET=fast', 'STEPS=1000')
   assert '--config=configs/cifar10.py:cifar_resnet20,fast ' in fast
-  assert '--config.num_train_steps=300' in fast
-  assert '--workdir=runs/cifar_resnet20_fast_300steps ' in fast
+  assert '--config.num_train_steps=1000' in fast
+  assert '--workdir=runs/cifar_resnet20_fast_1000steps ' in fast
   own = _make_n('MODEL=cifar_resnet56', 'WORKDIR=runs/mine',
                 'DATA_DIR=/data/tfds')
   assert own.startswith('TFDS_DATA_DIR=/data/tfds ')
