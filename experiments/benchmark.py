@@ -31,9 +31,10 @@ per round, so that load from other processes hits them alike.
 `--layers` prints the per-layer view instead: every distinct convolution of
 the model at the train batch, its forward pass, input gradient and weight
 gradient in ms, as XLA computes them from jit arguments and (stride 1) the
-weight gradient as shifted GEMMs (`benchmarking.shifted_weight_grad`) and
-the library's chunked weight gradient with its measured chunk count, beside
-PyTorch's with --torch; with the count of layers of each shape, so the sum
+weight gradient as shifted GEMMs (`benchmarking.shifted_weight_grad`), the
+library's chunked weight gradient with its measured chunk count, and
+oneDNN's three kernels through XLA's FFI (`cnn.ops.onednn`, where built),
+beside PyTorch's with --torch; with the count of layers of each shape, so the sum
 says where a step's convolution time goes.
 """
 from __future__ import annotations
@@ -282,7 +283,8 @@ def _layers(config, bs: int):
   if _TORCH.value:
     from experiments import torch_reference as tr  # pylint: disable=g-import-not-at-top
   header = ['conv (NHWC in -> out)', 'layers', 'jax fwd', 'jax dx',
-            'jax dW', 'jax dW shifted', 'jax dW chunked (m)']
+            'jax dW', 'jax dW shifted', 'jax dW chunked (m)', 'onednn fwd',
+            'onednn dx', 'onednn dW']
   if tr:
     header += ['torch fwd', 'torch dx', 'torch dW', 'fwd+dx+dW jax/torch',
                'chunked jax/torch']
@@ -292,7 +294,13 @@ def _layers(config, bs: int):
     ms = lambda v: '-' if v is None else f'{1000 * v:.1f}'
     r = [sh.describe(), str(sh.count), ms(t['forward']), ms(t['input_grad']),
          ms(t['weight_grad']), ms(t.get('weight_grad_shifted')),
-         f"{ms(t['weight_grad_chunked'])} ({t['chunks']})"]
+         f"{ms(t['weight_grad_chunked'])} ({t['chunks']})",
+         ms(t.get('onednn_forward')), ms(t.get('onednn_input_grad')),
+         ms(t.get('onednn_weight_grad'))]
+    if 'onednn_forward' in t:
+      totals['onednn'] = totals.get('onednn', 0.0) + sh.count * (
+          t['onednn_forward'] + t['onednn_input_grad']
+          + t['onednn_weight_grad'])
     jax_total = t['forward'] + t['input_grad'] + t['weight_grad']
     lib_total = t['forward'] + t['input_grad'] + t['weight_grad_chunked']
     totals['lib'] = totals.get('lib', 0.0) + sh.count * lib_total
@@ -313,10 +321,15 @@ def _layers(config, bs: int):
   line = (f"all convolutions of one train step (x layers): jax "
           f"{1000 * totals['jax']:.0f} ms, jax with the chunked weight "
           f"gradient {1000 * totals['lib']:.0f} ms")
+  if 'onednn' in totals:
+    line += f", oneDNN {1000 * totals['onednn']:.0f} ms"
   if 'torch' in totals:
     line += (f", torch {1000 * totals['torch']:.0f} ms "
              f"({totals['jax'] / totals['torch']:.2f}x, chunked "
-             f"{totals['lib'] / totals['torch']:.2f}x)")
+             f"{totals['lib'] / totals['torch']:.2f}x")
+    if 'onednn' in totals:
+      line += f", oneDNN {totals['onednn'] / totals['torch']:.2f}x"
+    line += ')'
   print(line)
   return rows
 

@@ -16,11 +16,13 @@ import time
 from typing import Callable
 
 import jax
+from jax import lax
 import numpy as np
 
 from cnn import models
 from cnn.data import input_pipeline
 from cnn.ops import conv as conv_ops
+from cnn.ops import onednn
 from cnn.tasks.classification import task as classification
 from cnn.tools import summary
 from cnn.training import optim
@@ -295,9 +297,10 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
   if s == 1:
     fns['weight_grad_shifted'] = (jit(
         lambda a, c: shifted_weight_grad(a, c, shape.kernel)), (x, g))
-  # The library's own convolution under the 'auto' policy (`cnn.ops.conv`,
-  # chunk count measured once per shape and machine), traced here.
-  with conv_ops.policy('auto'):
+  # The library's own XLA convolution under the 'auto' policy
+  # (`cnn.ops.conv`, chunk count measured once per shape and machine),
+  # traced here.
+  with conv_ops.policy('auto'), conv_ops.implementation('xla'):
     fns['weight_grad_chunked'] = (jit(lambda a, b, c: jax.vjp(
         lambda v: _conv(a, v, s, conv_ops.conv_general_dilated), b)[1](c)[0]
                                           ).lower(x, k, g).compile(),
@@ -305,6 +308,16 @@ def conv_layer_times(shape: ConvShape, steps: int = 10, seed: int = 0
     pad = shape.kernel // 2
     m = conv_ops.weight_grad_chunks(x.shape, k.shape, (s, s),
                                     ((pad, pad), (pad, pad)), _NHWC)
+  if onednn.status()[0]:
+    # oneDNN's three kernels through the FFI, each in a jitted function.
+    pads = lax.padtype_to_pads(x.shape[1:3], k.shape[:2], (s, s), 'SAME')
+    pads = tuple((int(a), int(b)) for a, b in pads)
+    fns['onednn_forward'] = (jax.jit(lambda a, b: onednn.conv(
+        a, b, (s, s), pads)), (x, k))
+    fns['onednn_input_grad'] = (jax.jit(lambda a, b, c: jax.vjp(
+        lambda u: onednn.conv(u, b, (s, s), pads), a)[1](c)[0]), (x, k, g))
+    fns['onednn_weight_grad'] = (jax.jit(lambda a, b, c: jax.vjp(
+        lambda v: onednn.conv(a, v, (s, s), pads), b)[1](c)[0]), (x, k, g))
   runners = {name: (lambda f=f, a=a: jax.block_until_ready(f(*a)))
              for name, (f, a) in fns.items()}
   times = time_interleaved(runners, steps)
