@@ -41,8 +41,15 @@ it is measured, not assumed:
 The plan is keyed by the CPU (model name and flags), the jax version and the
 backend, so a plan measured on one machine is never used on another. The
 chunked sum adds in another order: parameters after a step differ from XLA's
-by float32 rounding (checked to 1e-5 in the tests), and a rerun on the same
-machine, reading the same plan, is bit-identical.
+by float32 rounding (checked to 1e-5 in the tests).
+
+The chunk count changes a run's numbers, so a training run owns its own:
+`run_plan(chunks, on_new)` (the loop holds it around the run, with the
+counts recorded in the run folder) answers the shapes it knows from its
+record and hands every new choice to `on_new`, which records it before the
+step runs. The machine plan only seeds a run's first choice (saving a
+measurement); a resumed run reuses its record whatever another process has
+measured and written to the machine plan since.
 """
 from __future__ import annotations
 
@@ -230,6 +237,30 @@ def policy(value):
 
 # --- The plan: chunk counts measured per shape and machine -------------------
 
+# (chunks, on_new) of the runs whose steps are traced now (see run_plan).
+_run_plans: list = []
+
+
+@contextlib.contextmanager
+def run_plan(chunks: dict, on_new=None):
+  """Within the block, chunk counts come from one run's record.
+
+  Args:
+    chunks: shape key -> chunk count, the run's recorded choices (updated
+      in place with the new ones).
+    on_new: called with `chunks` after a shape was added (the run records
+      it), or None.
+
+  Yields:
+    `chunks`.
+  """
+  _run_plans.append((chunks, on_new))
+  try:
+    yield chunks
+  finally:
+    _run_plans.pop()
+
+
 def plan_path() -> str:
   return os.path.abspath(os.path.expanduser(
       os.environ.get(ENV_PLAN) or DEFAULT_PLAN))
@@ -369,6 +400,9 @@ def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
   if not may_chunk():
     return 1
   key = _shape_key(lhs_shape, rhs_shape, strides, padding, dn, dtype)
+  recorded, on_new = _run_plans[-1] if _run_plans else (None, None)
+  if recorded is not None and key in recorded:
+    return int(recorded[key])  # The run's own choice, whatever the machine's.
   entry = _load_plan().get(machine_key(), {}).get(key)
   if entry is None:
     # Measured outside the trace that asked (concrete arrays, real runs).
@@ -382,6 +416,10 @@ def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.info('conv weight gradient %s: %d batch chunks (ms by chunks: '
                  '%s; plan %s)', key, best, entry['ms'], plan_path())
+  if recorded is not None:
+    recorded[key] = int(entry['chunks'])
+    if on_new is not None:
+      on_new(recorded)
   return int(entry['chunks'])
 
 

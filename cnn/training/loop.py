@@ -345,7 +345,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   The folder is locked for the run (one line naming the holder's pid when
   another process trains there); a run already in it is resumed only with
-  the config it was trained with (`run_folder.resume_check`). Ctrl-C or
+  the config it was trained with (`run_folder.resume_check`), and with the
+  numerics choices it recorded (`run_folder.read_numerics`). Ctrl-C or
   SIGTERM saves the current step and raises `Interrupted`; a full disk is
   one line, the checkpoints written before it kept.
 
@@ -367,7 +368,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with (run_folder.lock(workdir) if sharding.is_primary()
         else contextlib.nullcontext()):
     try:
-      return _train_and_evaluate(config, workdir)
+      with _recorded_numerics(workdir):
+        return _train_and_evaluate(config, workdir)
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, UserError) or not _disk_full(e):
         raise
@@ -376,6 +378,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
               else 'no checkpoint had been written')
       raise UserError(f'disk full while writing {workdir} ({e}); free some '
                       f'space and rerun the same command: {kept}') from None
+
+
+def _recorded_numerics(workdir: str):
+  """The run's convolution chunk counts (numerics.json), held while it
+  trains; a count chosen for a new shape is recorded before its step runs."""
+  record = run_folder.read_numerics(workdir)
+  chunks = record.setdefault('conv_weight_grad_chunks', {})
+  save = ((lambda _: run_folder.write_numerics(workdir, record))
+          if sharding.is_primary() else None)
+  return conv_ops.run_plan(chunks, save)
 
 
 def _train_and_evaluate(config, workdir: str) -> dict:

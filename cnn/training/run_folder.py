@@ -12,6 +12,11 @@
   checkpoint), and a longer `num_train_steps` when the learning rates of the
   steps taken stay the same (constant, step with absolute milestones,
   plateau; not cosine, nor milestones given as fractions of the run).
+* `read_numerics` / `write_numerics`: the choices that change a run's
+  numbers but are made by measurement, not by the config (the convolution's
+  weight-gradient chunk count per shape, `cnn.ops.conv.run_plan`), recorded
+  in `numerics.json` when the run first makes them and reused on resume: a
+  measurement by another process never changes this run's numbers.
 """
 from __future__ import annotations
 
@@ -174,6 +179,39 @@ def write_config(workdir: str, config, saved: dict | None = None) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+NUMERICS = 'numerics.json'
+
+
+def read_numerics(workdir: str) -> dict:
+  """The run's recorded numerics choices ({} when there are none yet).
+
+  Raises:
+    ConfigError: the record is damaged.
+  """
+  path = os.path.join(workdir, NUMERICS)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if not isinstance(record, dict):
+      raise ValueError('not a JSON object')
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is damaged ({e}); delete it to choose again '
+                      '(the steps from here may then differ by float32 '
+                      'rounding from an unchanged run)') from None
+  return record
+
+
+def write_numerics(workdir: str, record: dict) -> None:
+  """numerics.json, atomically."""
+  path = os.path.join(workdir, NUMERICS)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(json.dumps(record, indent=1, sort_keys=True) + '\n')
   os.replace(tmp, path)
 
 

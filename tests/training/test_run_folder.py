@@ -244,3 +244,56 @@ def test_a_field_added_later_at_its_neutral_value_is_no_change(two_steps,
   # (the resumed run recorded the field: a real change is still refused)
   with pytest.raises(ConfigError, match='label_smoothing 0.0 -> 0.1'):
     train(small_config('lenet5', steps=6, label_smoothing=0.1), wd)
+
+
+def test_a_resumed_run_keeps_its_conv_chunks_whatever_the_machine_plan(
+    tmp_path, monkeypatch):
+  """Issue 36, silent 1: a run stopped, the machine-wide chunk plan then
+  rewritten by another process's measurement, and the run resumed: it keeps
+  the chunk counts it recorded (numerics.json) and ends with the numbers of
+  an uninterrupted run."""
+  from cnn.ops import conv  # pylint: disable=g-import-not-at-top
+  plan = tmp_path / 'conv_plan.json'
+  monkeypatch.setenv(conv.ENV_PLAN, str(plan))
+  monkeypatch.setenv(conv.ENV_POLICY, 'auto')
+  # The measurement, without timing anything: one chunk wins.
+  monkeypatch.setattr(conv, 'measure_chunks',
+                      lambda *a, **k: {1: 1.0, 8: 2.0})
+  straight, parts, fresh = (tmp_path / n for n in ('straight', 'parts',
+                                                    'fresh'))
+  train(small_config(steps=4, conv='xla'), straight)
+  measured = json.loads(plan.read_text())[conv.machine_key()]
+  assert measured and {e['chunks'] for e in measured.values()} == {1}
+  train(small_config(steps=2, conv='xla'), parts)
+  record = json.loads((parts / 'numerics.json').read_text())
+  assert record == {'conv_weight_grad_chunks': {k: 1 for k in measured}}
+  # Another worker measures the same shapes and writes 8 chunks.
+  rewritten = json.loads(plan.read_text())
+  for entry in rewritten[conv.machine_key()].values():
+    entry['chunks'] = 8
+  plan.write_text(json.dumps(rewritten))
+  train(small_config(steps=4, conv='xla'), parts)
+  assert metric_rows(parts) == metric_rows(straight)
+  assert _same_params(parts, straight, 4)
+  assert json.loads((parts / 'numerics.json').read_text()) == record
+  # The rewritten plan does change the numbers: a fresh run takes it.
+  train(small_config(steps=2, conv='xla'), fresh)
+  assert json.loads((fresh / 'numerics.json').read_text()) == {
+      'conv_weight_grad_chunks': {k: 8 for k in measured}}
+  assert not _same_params(fresh, straight, 2)
+
+
+def _same_params(a, b, step: int) -> bool:
+  """Whether two runs' parameters at checkpoint `step` are bitwise equal."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.training import checkpointing  # pylint: disable=g-import-not-at-top
+  trees = []
+  for wd in (a, b):
+    ckpt = checkpointing.Checkpointer(str(wd / 'checkpoints'), read_only=True)
+    try:
+      trees.append(jax.device_get(ckpt.restore_tree(step)['params']))
+    finally:
+      ckpt.close()
+  return all(np.array_equal(x, y) for x, y in zip(
+      jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])))
