@@ -180,6 +180,8 @@ class Run:
     meta = dict(self.task.meta())
     meta['task'] = self.task.name
     meta['param_shapes'] = checkpointing.param_shapes(state.params)
+    # What a resume is checked against where config.json is gone.
+    meta['config'] = run_folder.as_json(self.config)
     return meta
 
   def restore(self, state, which='latest'):
@@ -407,10 +409,12 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   latest = run.checkpointer.latest_step()
   saved_meta = None
   if latest is not None:
-    if saved is not None:
-      # Before anything is written: a resumed run is the run on disk.
-      for note in run_folder.resume_check(saved, config, latest):
-        print(f'resuming with {note}', flush=True)
+    if saved is None:  # config.json is gone: the checkpoint carries it.
+      saved = run_folder.config_of_checkpoint(
+          run.checkpointer.read_meta(latest), workdir, latest)
+    # Before anything is written: a resumed run is the run on disk.
+    for note in run_folder.resume_check(saved, config, latest):
+      print(f'resuming with {note}', flush=True)
     # Restored straight into the abstract state: no init to compile.
     state = run.restore(run.abstract_state(), 'latest')
     start = int(state.step)

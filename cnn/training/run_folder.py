@@ -12,6 +12,8 @@
   checkpoint), and a longer `num_train_steps` when the learning rates of the
   steps taken stay the same (constant, step with absolute milestones,
   plateau; not cosine, nor milestones given as fractions of the run).
+  When config.json is gone, the config carried by the latest checkpoint
+  (`config_of_checkpoint`) stands in for it.
 * `read_numerics` / `write_numerics`: the choices that change a run's
   numbers but are made by measurement, not by the config (the convolution's
   weight-gradient chunk count per shape, `cnn.ops.conv.run_plan`), recorded
@@ -180,6 +182,22 @@ def write_config(workdir: str, config, saved: dict | None = None) -> None:
   with open(tmp, 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
   os.replace(tmp, path)
+
+
+def config_of_checkpoint(meta: dict, workdir: str, step: int) -> dict:
+  """The config a checkpoint's meta carries, for a run whose config.json
+  is gone.
+
+  Raises:
+    ConfigError: the checkpoint is older than configs in checkpoints.
+  """
+  saved = meta.get('config')
+  if not isinstance(saved, dict):
+    raise ConfigError(
+        f'{os.path.join(workdir, "config.json")} is missing and checkpoint '
+        f'{step} does not carry its config: restore config.json (the '
+        'command that started the run), or use a fresh --workdir')
+  return saved
 
 
 NUMERICS = 'numerics.json'

@@ -297,3 +297,30 @@ def _same_params(a, b, step: int) -> bool:
       ckpt.close()
   return all(np.array_equal(x, y) for x, y in zip(
       jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])))
+
+
+def test_a_missing_config_json_still_refuses_a_changed_config(two_steps,
+                                                              tmp_path):
+  """Issue 36, silent 2: config.json deleted, then a resume with another
+  learning rate. The checkpoint carries the config: refused, nothing
+  written; the same config resumes and config.json is written again."""
+  wd = copy(two_steps, tmp_path / 'run')
+  records = lines(wd)
+  os.remove(wd / 'config.json')
+  with pytest.raises(ConfigError) as e:
+    train(small_config('lenet5', steps=4, learning_rate=0.05), wd)
+  assert '\n' not in str(e.value)
+  assert 'learning_rate 0.1 -> 0.05' in str(e.value)
+  assert lines(wd) == records and not (wd / 'config.json').exists()
+  # A checkpoint written before checkpoints carried the config: refused.
+  old = copy(wd, tmp_path / 'old')
+  meta = old / 'checkpoints' / '2' / 'meta' / 'metadata'
+  meta.write_text(json.dumps({k: v for k, v in json.loads(
+      meta.read_text()).items() if k != 'config'}))
+  with pytest.raises(ConfigError, match='^.*config.json is missing and '
+                     'checkpoint 2 does not carry its config: restore'):
+    train(small_config('lenet5', steps=4), old)
+  train(small_config('lenet5', steps=4), wd)
+  assert json.loads((wd / 'config.json').read_text())['learning_rate'] == 0.1
+  lrs = [r['learning_rate'] for r in metric_rows(wd) if r['split'] == 'train']
+  assert len(lrs) == 4 and lrs == pytest.approx([0.1] * 4)
