@@ -350,7 +350,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   the config it was trained with (`run_folder.resume_check`), and with the
   numerics choices it recorded (`run_folder.read_numerics`). Ctrl-C or
   SIGTERM saves the current step and raises `Interrupted`; a full disk is
-  one line, the checkpoints written before it kept.
+  one line, the checkpoints written before it kept; a closed stdout only
+  ends the console lines.
 
   Args:
     config: a ConfigDict as built by `configs/*.py` (with `task`).
@@ -366,9 +367,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # A config that cannot work is refused before anything is created.
   validate_config(config, tasks.get(config))
   run_folder.prepare(workdir)
+  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
   # One writer per folder: process 0 of a multi-host run holds the lock.
   with (run_folder.lock(workdir) if sharding.is_primary()
-        else contextlib.nullcontext()):
+        else contextlib.nullcontext()), metric_writers.console_may_close(
+            workdir):
     try:
       with _recorded_numerics(workdir):
         return _train_and_evaluate(config, workdir)

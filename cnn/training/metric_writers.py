@@ -3,9 +3,16 @@
 One JSON object per logged point: `{"step", "split", "loss", "error", ...}`.
 On resume the lines past the restored step are dropped first: the resumed run
 writes them again, identically, so the file never holds a step twice.
+
+The console is a view of the run, not part of it: `console_may_close()`
+keeps a run training when its stdout goes away (`train ... | head -n 3`);
+the console lines after that are dropped, one line on stderr says so, and
+metrics.jsonl, TensorBoard and the checkpoints go on to the end.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -97,6 +104,63 @@ class NullWriter:
 
   def close(self):
     pass
+
+
+class _ClosableConsole:
+  """sys.stdout that drops what it is given once its reader has gone."""
+
+  def __init__(self, stream, workdir: str):
+    self._stream = stream
+    self._workdir = workdir
+    self.gone = False
+
+  def _closed(self) -> None:
+    self.gone = True
+    try:  # Later writes and the interpreter's last flush go nowhere.
+      null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, self._stream.fileno())
+      os.close(null)
+    except (OSError, ValueError, AttributeError):
+      pass  # Not a file descriptor (a test's capture): writes are dropped.
+    print(f'stdout closed (its reader ended): training goes on, logged to '
+          f'{os.path.join(self._workdir, "metrics.jsonl")}', file=sys.stderr,
+          flush=True)
+
+  def _call(self, fn, *args):
+    if self.gone:
+      return None
+    try:
+      return fn(*args)
+    except OSError as e:
+      if not isinstance(e, BrokenPipeError) and e.errno != errno.EPIPE:
+        raise
+      self._closed()
+      return None
+
+  def write(self, text: str) -> int:
+    self._call(self._stream.write, text)
+    return len(text)
+
+  def flush(self) -> None:
+    self._call(self._stream.flush)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def console_may_close(workdir: str):
+  """Within the block, a closed stdout (a broken pipe) neither stops nor
+  ends the run: its console lines are dropped, the run's files go on."""
+  if isinstance(sys.stdout, _ClosableConsole):
+    yield
+    return
+  original = sys.stdout
+  sys.stdout = _ClosableConsole(original, workdir)
+  try:
+    yield
+  finally:
+    sys.stdout = original
 
 
 class Progress:

@@ -324,3 +324,30 @@ def test_a_missing_config_json_still_refuses_a_changed_config(two_steps,
   assert json.loads((wd / 'config.json').read_text())['learning_rate'] == 0.1
   lrs = [r['learning_rate'] for r in metric_rows(wd) if r['split'] == 'train']
   assert len(lrs) == 4 and lrs == pytest.approx([0.1] * 4)
+
+
+def test_a_closed_stdout_neither_stops_nor_silently_ends_training(tmp_path):
+  """Issue 36, silent 3: `train ... | head -n 3`. The run trains to its
+  end, writing metrics.jsonl and checkpoints; the console lines after the
+  pipe closed are dropped, and stderr says so."""
+  wd = tmp_path / 'run'
+  script = (
+      'import sys\n'
+      'import tensorflow_datasets as tfds\n'
+      'from absl import app\n'
+      'from experiments import common, train\n'
+      'with tfds.testing.mock_data(num_examples=24):\n'
+      '  app.run(train.main, argv=sys.argv, flags_parser=common.parse_flags)\n')
+  args = ['--config=configs/plain_vs_resnet.py:local', f'--workdir={wd}',
+          '--config.num_train_steps=6', '--config.log_every_steps=1']
+  proc = subprocess.run(
+      ['bash', '-c', '"$@" | head -n 3; exit "${PIPESTATUS[0]}"', 'bash',
+       sys.executable, '-c', script, *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert max(r['step'] for r in metric_rows(wd)) == 6
+  assert {r['split'] for r in metric_rows(wd) if r['step'] == 6} == {
+      'train', 'test'}
+  assert '6' in os.listdir(wd / 'checkpoints')
+  assert len(proc.stdout.splitlines()) == 3
+  assert 'stdout closed' in proc.stderr and 'Traceback' not in proc.stderr
