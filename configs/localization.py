@@ -107,6 +107,7 @@ def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
     c.eval_every_steps = c.checkpoint_every_steps = epoch
     c.log_every_steps = 23
   if arg == 'local':
+    c.warmup_steps = min(c.warmup_steps, 2)  # tiny_imagenet's, in 4 steps
     c.train_examples = 512
     c.test_examples = 100
     c.batch_size = min(c.batch_size, 64)

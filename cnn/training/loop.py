@@ -455,6 +455,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   clock = _Clock(saved_meta)
   if primary and start < total:
     provenance.start_sitting(workdir, start, conv_ops.describe())
+    for note in optim.schedule_notes(config):
+      print(f'schedule: {note}', flush=True)
 
   def evaluate_all(s: int, final: bool) -> dict:
     t_eval = time.perf_counter()

@@ -195,3 +195,42 @@ def validate(config) -> None:
                       '(0, 1)')
   if config.lr_schedule == 'plateau' and config.plateau.patience < 0:
     raise ConfigError('plateau.patience must be >= 0')
+  _validate_warmup(config)
+
+
+def _validate_warmup(config) -> None:
+  """A warm-up must end inside the run, and before the first milestone
+  (else the rate the schedule warms up to is never used)."""
+  total = int(config.num_train_steps)
+  warmup = int(config.get('warmup_steps', 0) or 0)
+  if warmup < 0:
+    raise ConfigError(f'warmup_steps={warmup} must be >= 0 (0: none)')
+  if not warmup or total <= 0:  # 0 steps: evaluate only
+    return
+  if warmup >= total:
+    raise ConfigError(
+        f'warmup_steps={warmup} does not fit num_train_steps={total}: the '
+        'whole run would be warm-up; set --config.warmup_steps below '
+        f'{total} (e.g. {max(total // 10, 1)}), or 0 for none')
+  first = min(milestone_steps(config), default=None)
+  if config.lr_schedule == 'step' and first is not None and warmup > first:
+    raise ConfigError(
+        f'warmup_steps={warmup} outlasts the first lr milestone (step '
+        f'{first} of num_train_steps={total}): learning_rate='
+        f'{config.learning_rate} would never be used; set '
+        f'--config.warmup_steps to {first} or less, or lengthen the run')
+
+
+def schedule_notes(config) -> list[str]:
+  """What the start of a run says about its schedule: step milestones
+  given in steps that lie beyond the run, so they never lower the rate."""
+  total = int(config.num_train_steps)
+  if config.lr_schedule != 'step' or total <= 0 or tuple(
+      config.get('lr_milestone_fractions', ()) or ()):
+    return []
+  late = [m for m in milestone_steps(config) if m >= total]
+  if not late:
+    return []
+  return [f'lr_milestones {", ".join(map(str, late))} lie at or beyond '
+          f'num_train_steps={total} and never lower the rate (milestones '
+          'in steps; lr_milestone_fractions follow the length of the run)']

@@ -112,3 +112,80 @@ def test_optimizer_matches_pytorch_sgd_update():
     w, b = w - lr * buf_w, b - lr * buf_b
   np.testing.assert_allclose(p['w']['kernel'], w, rtol=1e-6)
   np.testing.assert_allclose(p['b']['bias'], b, rtol=1e-6)
+
+
+def test_warmups_that_do_not_fit_the_run_are_refused():
+  """Issue 36, silent 4: a warm-up as long as the run (faster_rcnn's 200
+  steps in a 10-step run), or one that outlasts the first lr cut (the
+  110-layer member's 400 steps in a 600-step run), is one line naming the
+  fields; an evaluation-only run keeps its config's warm-up."""
+  from configs import detection, plain_vs_resnet  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  c = detection.get_config('faster_rcnn')
+  optim.validate(c)
+  c.num_train_steps = 10
+  with pytest.raises(ConfigError) as e:
+    optim.validate(c)
+  assert str(e.value).startswith(
+      'warmup_steps=200 does not fit num_train_steps=10')
+  c.num_train_steps = 0  # evaluate only
+  optim.validate(c)
+  base = plain_vs_resnet.get_config('paper')
+  base.num_train_steps = 600
+  c = sweeps.apply_overrides(
+      base, dict(plain_vs_resnet.sweep('paper,depths=110'))['resnet110_s0'])
+  with pytest.raises(ConfigError) as e:
+    optim.validate(c)
+  assert '\n' not in str(e.value) and str(e.value).startswith(
+      'warmup_steps=400 outlasts the first lr milestone (step 300 of '
+      'num_train_steps=600)')
+  c.warmup_steps = 300
+  optim.validate(c)
+
+
+def test_milestones_beyond_the_run_are_said_at_its_start():
+  """Issue 36, silent 4: cifar10.py's milestones at 32k and 48k in a short
+  run never fire; the run says so before it trains."""
+  c = small_config(steps=300)
+  [note] = optim.schedule_notes(c)
+  assert note.startswith('lr_milestones 32000, 48000 lie at or beyond '
+                         'num_train_steps=300')
+  c.num_train_steps = 40_000
+  assert '48000' in optim.schedule_notes(c)[0]
+  assert '32000' not in optim.schedule_notes(c)[0]
+  c.num_train_steps = 64_000
+  assert not optim.schedule_notes(c)
+  c.lr_milestones, c.lr_milestone_fractions = (), (0.5, 0.75)
+  c.num_train_steps = 300
+  assert not optim.schedule_notes(c)
+
+
+def test_every_config_and_preset_validates():
+  """The configs of configs/, each preset and sweep member at its defaults,
+  pass the optimizer's checks (the warm-up ones included)."""
+  from configs import (cifar10, detection, localization, lr_schedules,  # pylint: disable=g-import-not-at-top
+                       mnist, plain_vs_resnet, tiny_imagenet)
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  configs = [cifar10.get_config(a) for a in (
+      'cifar_resnet20', 'cifar_resnet110', 'cifar_resnet20,fast',
+      'cifar_resnet8,fast_local')]
+  configs.append(mnist.get_config())
+  configs += [localization.get_config(a + data) for a in localization.PRESETS
+              for data in ('', ',tiny_imagenet')]
+  configs += [tiny_imagenet.get_config(f'{m},{p}'.rstrip(','))
+              for m in ('resnet18_64', 'det_trunk')
+              for p in tiny_imagenet.PRESETS]
+  configs += [detection.get_config(kind + data + local)
+              for kind in detection.KINDS
+              for data in ('',) + tuple(',' + p for p in detection.PHOTOS)
+              for local in ('', ',local')]
+  for module, args in ((plain_vs_resnet, plain_vs_resnet.PRESETS),
+                       (lr_schedules, lr_schedules.PRESETS),
+                       (detection, ('fast_rcnn,raccoon', 'fast_rcnn')),
+                       (mnist, ('lenet5',))):
+    for arg in args:
+      base = module.get_config(arg)
+      configs += [sweeps.apply_overrides(base, o)
+                  for _, o in module.sweep(arg)]
+  for c in configs:
+    optim.validate(c)
