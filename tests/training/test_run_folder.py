@@ -335,7 +335,10 @@ def test_a_closed_stdout_neither_stops_nor_silently_ends_training(tmp_path):
       'import sys\n'
       'import tensorflow_datasets as tfds\n'
       'from absl import app\n'
+      'from configs import common as configs\n'
       'from experiments import common, train\n'
+      '# TFDS cifar10 on mock data, as tests/conftest.py does.\n'
+      'configs.dataset_and_dir = lambda prepared, name: (name, None)\n'
       'with tfds.testing.mock_data(num_examples=24):\n'
       '  app.run(train.main, argv=sys.argv, flags_parser=common.parse_flags)\n')
   args = ['--config=configs/plain_vs_resnet.py:local', f'--workdir={wd}',
