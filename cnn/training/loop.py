@@ -58,6 +58,9 @@ def validate_config(config, task) -> None:
   if int(config.num_train_steps) < 0:
     raise ConfigError(f'num_train_steps={config.num_train_steps} must be >= 0 '
                       '(0: evaluate only)')
+  if not 0 <= int(config.seed) < 2**31:
+    raise ConfigError(f'seed={config.seed} must be an integer in [0, 2**31), '
+                      'e.g. --config.seed=0')
   optim.validate(config)
   task.validate()
   # The convolution's implementation (config.conv) is set for the steps this

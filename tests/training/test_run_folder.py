@@ -354,3 +354,17 @@ def test_a_closed_stdout_neither_stops_nor_silently_ends_training(tmp_path):
   assert '6' in os.listdir(wd / 'checkpoints')
   assert len(proc.stdout.splitlines()) == 3
   assert 'stdout closed' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_a_negative_seed_is_one_line_on_every_task():
+  """Issue 36: `--config.seed=-1` was a traceback (numpy's seeding) on
+  every task; the loop's config check refuses it first."""
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from configs import detection, localization  # pylint: disable=g-import-not-at-top
+  for c in (small_config('lenet5'), detection.get_config('fast_rcnn,local'),
+            localization.get_config('local')):
+    c.seed = -1
+    with pytest.raises(ConfigError) as e:
+      loop.validate_config(c, tasks.get(c))
+    assert str(e.value) == ('seed=-1 must be an integer in [0, 2**31), e.g. '
+                            '--config.seed=0')
