@@ -19,6 +19,7 @@ import errno
 import math
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -458,8 +459,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   clock = _Clock(saved_meta)
   if primary and start < total:
     provenance.start_sitting(workdir, start, conv_ops.describe())
-    for note in optim.schedule_notes(config):
-      print(f'schedule: {note}', flush=True)
+    for note in optim.schedule_notes(config):  # a warning: on stderr
+      print(f'schedule: {note}', file=sys.stderr, flush=True)
 
   def evaluate_all(s: int, final: bool) -> dict:
     t_eval = time.perf_counter()

@@ -368,3 +368,14 @@ def test_a_negative_seed_is_one_line_on_every_task():
       loop.validate_config(c, tasks.get(c))
     assert str(e.value) == ('seed=-1 must be an integer in [0, 2**31), e.g. '
                             '--config.seed=0')
+
+
+def test_milestones_beyond_the_run_are_said_on_stderr(tmp_path, capsys):
+  """Issue 36, silent 4: cifar10.py's milestones at 32k and 48k in a short
+  run never fire; the run says so when it starts (stdout keeps to its
+  progress lines)."""
+  train(small_config('lenet5', steps=2), tmp_path / 'run')
+  out, err = capsys.readouterr()
+  assert ('schedule: lr_milestones 32000, 48000 lie at or beyond '
+          'num_train_steps=2') in err
+  assert 'schedule:' not in out
