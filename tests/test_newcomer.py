@@ -170,3 +170,11 @@ def test_a_dataset_not_on_disk_is_one_line_and_leaves_no_run_folder(
                 f'--config.data_dir={data}', script=_NO_NETWORK)
   assert proc.returncode == 1
   assert (work / 'notes.txt').read_text() == 'mine'
+
+
+def test_the_imagenet_config_loads_and_streams():
+  # Its in_memory was the bool False while the field is a string ('auto'):
+  # the config did not load at all.
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  c = imagenet.get_config('resnet50')
+  assert c.in_memory == 'no' and c.dataset == 'imagenet2012'

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from cnn.errors import DataError
+from cnn.errors import ConfigError, DataError
 
 # Datasets above this size (bytes of uint8 pixels) or with variable image
 # shapes stream through tf.data instead of sitting in memory.
@@ -209,9 +209,13 @@ class Datasets:
 def get_datasets(config) -> Datasets:
   """Loads the train and held-out splits named by `config`."""
   num_classes, shape = dataset_info(config.dataset, config.data_dir)
-  in_memory = config.get('in_memory', 'auto')
-  if in_memory == 'auto':
-    in_memory = None not in shape
+  in_memory = str(config.get('in_memory', 'auto')).strip().lower()
+  if in_memory not in ('auto', 'yes', 'no', 'true', 'false'):
+    raise ConfigError(f"in_memory={config.in_memory!r}: use 'auto' (in "
+                      "memory when the images have one fixed size), 'yes' "
+                      "or 'no' (stream through tf.data)")
+  in_memory = (None not in shape if in_memory == 'auto'
+               else in_memory in ('yes', 'true'))
   classes = tuple(int(c) for c in (config.get('classes', ()) or ()))
   per_class = int(config.get('train_examples_per_class', 0) or 0)
   if not in_memory:
