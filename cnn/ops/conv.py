@@ -2,8 +2,8 @@
 with the weight gradient chosen per shape by measurement.
 
 * The implementation is a config field (`config.conv`, recorded in
-  config.json; `configure` sets it when a run starts, `implementation(...)`
-  within a block): `auto` (the default) takes oneDNN's kernels
+  config.json; the training loop traces a run's steps within
+  `implementation(config.conv)`): `auto` (the default) takes oneDNN's kernels
   (`cnn.ops.onednn`: forward, input and weight gradient as XLA FFI custom
   calls) on a one-device CPU run where the library is built, XLA's
   convolution everywhere else; `onednn` insists on it (one-line error where
@@ -81,7 +81,6 @@ IMPLEMENTATIONS = ('auto', 'onednn', 'xla')
 
 _policy_override: list = []
 _impl_override: list = []
-_impl_configured: list = ['auto']
 _engine_override: list = []
 
 # XLA:CPU's convolution kernels. jaxlib 0.10 hands every convolution to
@@ -108,16 +107,11 @@ def _parse_implementation(value) -> str:
   return text
 
 
-def configure(value) -> None:
-  """Sets the implementation asked for by the run's config (`config.conv`);
-  checked at once (a one-line ConfigError where it cannot run)."""
-  _impl_configured[-1] = _parse_implementation(value)
-  current_implementation()
-
-
 @contextlib.contextmanager
 def implementation(value):
-  """Within the block, convolutions traced use this implementation."""
+  """Within the block, convolutions traced use this implementation ('auto',
+  'onednn' or 'xla'); a ConfigError (one line) on entry where it cannot
+  run."""
   _impl_override.append(_parse_implementation(value))
   try:
     current_implementation()
@@ -127,7 +121,7 @@ def implementation(value):
 
 
 def requested_implementation() -> str:
-  return (_impl_override or _impl_configured)[-1]
+  return _impl_override[-1] if _impl_override else 'auto'
 
 
 def current_implementation() -> str:

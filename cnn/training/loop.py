@@ -64,11 +64,12 @@ def validate_config(config, task) -> None:
                       'e.g. --config.seed=0')
   optim.validate(config)
   task.validate()
-  # The convolution's implementation (config.conv) is set for the steps this
-  # process builds next; $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and
-  # $CNN_XLA_CPU_FUSION are read while a step is built; a bad value is
-  # refused here, before anything runs.
-  conv_ops.configure(config.get('conv', 'auto'))
+  # The convolution's implementation (config.conv, entered while a run's
+  # steps are built and traced); $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and
+  # $CNN_XLA_CPU_FUSION are read while a step is built; a bad value, or
+  # conv='onednn' where it cannot run, is refused here, before anything runs.
+  with conv_ops.implementation(config.get('conv', 'auto')):
+    pass
   conv_ops.current_policy()
   conv_ops.current_engine()
   step_lib.current_fusion()
@@ -146,14 +147,19 @@ class Run:
         self.model, transfer.frozen_modules(masks[1]))
     self.frozen = masks
 
-  @property
-  def train_step(self):
-    if self._train_step is None:
-      self._train_step = step_lib.make_train_step(
-          self.task.loss_fn(self.step_model, self.data), self.tx,
-          self.schedule, frozen=self.frozen,
-          compiler_options=self.task.compiler_options)
-    return self._train_step
+  def numerics(self):
+    """The context the run's steps are built and traced in: its
+    convolution (`config.conv`)."""
+    return conv_ops.implementation(self.config.get('conv', 'auto'))
+
+  def train_step(self, state, batch):
+    with self.numerics():
+      if self._train_step is None:
+        self._train_step = step_lib.make_train_step(
+            self.task.loss_fn(self.step_model, self.data), self.tx,
+            self.schedule, frozen=self.frozen,
+            compiler_options=self.task.compiler_options)
+      return self._train_step(state, batch)
 
   def init_state(self):
     state = state_lib.create(self._init_variables, self.tx, self.config.seed)
@@ -205,8 +211,9 @@ class Run:
     if split not in self.data.evals:
       raise ConfigError(f"split '{split}' is not held out in this run; "
                         f'choose one of {sorted(self.data.evals)}')
-    return self.task.evaluate(self.model, state.variables, self.data, split,
-                              final=final, shard=self.shard)
+    with self.numerics():
+      return self.task.evaluate(self.model, state.variables, self.data,
+                                split, final=final, shard=self.shard)
 
 
 def _check_finite(window: list, first_step: int, checkpointer,
@@ -409,8 +416,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
           f'({jax.local_device_count()} here)', flush=True)
   task = run.task
   total = int(config.num_train_steps)
+  with run.numerics():
+    convolution = conv_ops.describe()
   if sharding.is_primary():
-    print(f'convolution: {conv_ops.describe()}', flush=True)
+    print(f'convolution: {convolution}', flush=True)
   saved = run_folder.read_config(workdir)
   start, window, window_start = 0, [], 0
   latest = run.checkpointer.latest_step()
@@ -458,7 +467,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   clock = _Clock(saved_meta)
   if primary and start < total:
-    provenance.start_sitting(workdir, start, conv_ops.describe())
+    provenance.start_sitting(workdir, start, convolution)
     for note in optim.schedule_notes(config):  # a warning: on stderr
       print(f'schedule: {note}', file=sys.stderr, flush=True)
 

@@ -15,6 +15,14 @@ from tests.conftest import assert_same_training, resnet8_after_steps
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+@pytest.fixture(autouse=True)
+def _xlas_convolution():
+  """These tests are about XLA's convolution, which oneDNN's replaces on
+  CPU by default (tests/ops/test_onednn.py)."""
+  with conv.implementation('xla'):
+    yield
+
+
 def _assert_close(a, b, rel=1e-5):
   """Equal to float32 rounding of a sum: |a - b| <= rel * max |b|."""
   err = float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

@@ -86,8 +86,19 @@ def test_cpu_compiler_options_keep_the_math():
 def test_cpu_fusion_setting_is_0_1_or_auto(monkeypatch):
   """CNN_XLA_CPU_FUSION=1 keeps XLA's fusion pass, 0 turns it off (before,
   any non-empty value, 0 included, kept it); auto or unset keeps it only
-  with the chunked weight gradient on YNNPACK's convolutions; anything else
-  is one line before a run."""
+  with oneDNN's convolutions or the chunked weight gradient on YNNPACK's;
+  anything else is one line before a run."""
+  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
+  from cnn.ops import onednn  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv(step_lib.ENV_FUSION, 'auto')
+  if onednn.status()[0]:
+    with conv_ops.implementation('onednn'):
+      assert step_lib.current_fusion()
+  with conv_ops.implementation('xla'):
+    _check_fusion_with_xlas_convolution(monkeypatch)
+
+
+def _check_fusion_with_xlas_convolution(monkeypatch):
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv(conv_ops.ENV_ENGINE, 'eigen')
   monkeypatch.setenv(conv_ops.ENV_POLICY, 'auto')
@@ -261,10 +272,12 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
   out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=str(ROOT),
                        check=True, capture_output=True, text=True)
   lines = out.stdout.splitlines()
-  assert lines[0].startswith('resuming from step'), lines[:3]
-  # A quiet console: our progress lines, from right after compilation on.
-  assert lines[1].startswith('step ') and (
-      '/120: compiled and ran the first step in' in lines[1]), lines[:3]
+  # A quiet console: the convolution in use, the resume, then our progress
+  # lines from right after compilation on.
+  assert lines[0].startswith('convolution: '), lines[:3]
+  assert lines[1].startswith('resuming from step'), lines[:3]
+  assert lines[2].startswith('step ') and (
+      '/120: compiled and ran the first step in' in lines[2]), lines[:4]
   assert 'checkpoint_manager.py' not in out.stderr
   assert records(killed) == records(clean)
 
