@@ -467,7 +467,10 @@ def _train_and_evaluate(config, workdir: str) -> dict:
 
   clock = _Clock(saved_meta)
   if primary and start < total:
-    provenance.start_sitting(workdir, start, convolution)
+    was = provenance.start_sitting(workdir, start, convolution)
+    if was:
+      print(f'resuming with another convolution: {was} -> {convolution} '
+            '(the steps from here differ by float32 rounding)', flush=True)
     for note in optim.schedule_notes(config):  # a warning: on stderr
       print(f'schedule: {note}', file=sys.stderr, flush=True)
 

@@ -91,13 +91,23 @@ def _write(workdir: str, record: dict) -> None:
   os.replace(tmp, path)
 
 
-def start_sitting(workdir: str, start_step: int, convolution: str) -> None:
-  """Appends this sitting (the code, the machine, the convolution)."""
+def start_sitting(workdir: str, start_step: int, convolution: str
+                  ) -> str | None:
+  """Appends this sitting (the code, the machine, the convolution).
+
+  Returns:
+    The convolution of the previous sitting where it differs from this
+    one's (e.g. `conv='auto'` resumed where oneDNN is not built), else None:
+    the steps from here differ from an unchanged run by float32 rounding.
+  """
   record = read(workdir)
+  before = [s.get('convolution') for s in record.get('sittings', [])]
+  changed = before[-1] if before and before[-1] != convolution else None
   record.setdefault('sittings', []).append({
       'started': _now(), 'start_step': start_step, **code_version(),
       **environment(), 'convolution': convolution})
   _write(workdir, record)
+  return changed
 
 
 def end_sitting(workdir: str, end_step: int, loop_seconds: float | None

@@ -178,3 +178,19 @@ def test_a_run_records_says_and_notes_a_change_of_convolution(tmp_path,
   assert [s['convolution'][:3] for s in sittings] == ['one', 'XLA']
   assert [(s['start_step'], s['end_step']) for s in sittings] == [(0, 2),
                                                                   (2, 4)]
+
+
+@requires_onednn
+def test_auto_resumed_where_onednn_is_missing_says_so(tmp_path, capsys,
+                                                      monkeypatch):
+  _train(small_config(steps=2), tmp_path, capsys)
+  # The same config ('auto') on a machine without the library.
+  monkeypatch.setattr(native_build, 'LIBRARY', str(tmp_path / 'none.so'))
+  monkeypatch.setattr(native_build, 'STAMP', str(tmp_path / 'none.so.sha1'))
+  onednn._load.cache_clear()  # pylint: disable=protected-access
+  try:
+    out = _train(small_config(steps=4), tmp_path, capsys)
+  finally:
+    onednn._load.cache_clear()  # pylint: disable=protected-access
+  assert 'resuming with another convolution: oneDNN' in out
+  assert '-> XLA (oneDNN convolution not built' in out
