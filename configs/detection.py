@@ -43,11 +43,12 @@ two seeds each (12 members; `sweep` below), on raccoons:
 train+validation` trains on Pascal VOC 2007 (20 classes, "difficult" boxes
 ignored) where TFDS `voc/2007` is prepared under DIR (it is not here).
 
-Expected (README, measured on the 2-core CPU, 2,000 steps, 14-32 min
-each): mAP@0.5 0.472 / 0.415 / 0.379 (R-CNN / Fast / Faster) from scratch,
-0.719 / 0.649 / 0.659 with --config.init_from=runs/det_trunk (a det_trunk
-CIFAR classifier, see below), on the 500 test canvases; 112 / 85 / 9 ms per
-test image side by side (selective search is ~74 ms of the first two).
+Expected (measured on a 2-core CPU, 2,000 steps, 14-32 min each:
+results/detection/README.md, table.md and table_pretrained.md): mAP@0.5
+0.472 / 0.415 / 0.379 (R-CNN / Fast / Faster) from scratch, 0.719 / 0.649 /
+0.659 with --config.init_from=runs/det_trunk (a det_trunk CIFAR
+classifier, see below), on the 500 test canvases; 112 / 85 / 9 ms per test
+image side by side (selective search is ~74 ms of the first two).
 """
 from ml_collections import config_dict
 

@@ -17,7 +17,10 @@ for F in the factors and P in the patiences of the preset. The argument is
 
   paper  64k iterations, eval every 1k; factors 0.1/0.5, patiences 3/6.
   cpu    1200 iterations, eval every 100; factors 0.1/0.5, patiences 1/2.
-         About 1.5 hours on 2 idle CPU cores (5 members of ResNet-20).
+         Not run here yet; about 1-2 hours on 2 idle CPU cores by
+         estimate (5 members of ResNet-20, 1,200 steps each at the
+         170-224 training images/s measured for ResNet-20 in
+         results/resnet20_fast/ and results/speed/, plus evaluations).
   local  ResNet-8, 4 steps of batch 8, for tests.
 
   python -m experiments.sweep --config=configs/lr_schedules.py:cpu \

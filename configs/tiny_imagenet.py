@@ -15,8 +15,9 @@ The argument is `MODEL[,PRESET]`:
           cosine decay, Nesterov momentum, weight decay 5e-4 on kernels only,
           label smoothing 0.1, random resized crops (25-100 % of the image,
           aspect 3/4-4/3) and flips made on the device. Not measured here.
-  cpu     the same recipe at a 2-core CPU's budget (about an hour; vgg_64
-          1.5 h): the nets at a quarter of their width (ResNets:
+  cpu     the same recipe at a 2-core CPU's budget (measured on two
+          2-core CPUs, partly shared: resnet18_64 62.8 min, plain18_64
+          42.0 min, vgg_64 90.9 min): the nets at a quarter of their width (ResNets:
           16-32-64-128 and the 3x3 stem at stride 2, so stage 1 runs at
           32x32; VGG: widths x 0.25, FC 256, no dropout), batch 128 and 12
           epochs (4,692 steps). Measured top-1 / top-5 error: resnet18_64

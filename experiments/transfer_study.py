@@ -13,8 +13,9 @@ run is an ordinary training run folder under --workdir (pretrain/,
 head_100/, ...); rerunning the command skips finished cells and resumes an
 interrupted one. The Markdown table goes to stdout and WORKDIR/results.md.
 
-Sized for a 2-core CPU (about 25 minutes); --quick runs a few steps of each
-cell to check the plumbing.
+Sized for a 2-core CPU (24 minutes measured on a shared one:
+results/transfer/README.md); --quick runs a few steps of each cell to check
+the plumbing.
 
 `--source=RUN` transfers from a real source instead: RUN is a finished
 classification run on another dataset (the Tiny ImageNet preset,

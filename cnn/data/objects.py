@@ -19,8 +19,10 @@ Images are decoded here, one at a time, with the dataset's own Image feature
 file is reported by dataset, split, example index and file name instead of
 ending the tf.data iterator with a multi-line TensorFlow error.
 
-A split is read into memory (uint8 pixels at the resized size): a few MB for
-raccoon or coco128, about 2.4 GB for VOC 2007 trainval at s = 600; read
+A split is read into memory (uint8 pixels at the resized size). By
+estimate (pixels x 3 bytes, not measured here): 20-30 MB for raccoon's 200
+or coco128's 128 photos at 256 px on the longer side, about 7 GB for VOC
+2007 trainval at s = 600 (5,011 photos of about 600 x 800); read
 `coco/2017` train in parts with `limit` or a split slice ('train[:10%]').
 Padded batches for the detectors come from `ObjectsData.batch`.
 """

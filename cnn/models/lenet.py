@@ -2,7 +2,10 @@
 
 conv1 6 5x5 pad 2 (28 x 28 x 6) -> pool 2 -> conv2 16 5x5 (10 x 10 x 16) ->
 pool 2 (5 x 5 x 16) -> fc1 120 -> fc2 84 -> head. ReLU and max pooling stand
-in for LeCun's scaled tanh and trainable subsampling.
+in for LeCun's scaled tanh and trainable subsampling; conv2 reads all six
+conv1 maps (LeCun et al. 1998's C3 uses a sparse connection table), and the
+head is a dense layer for softmax cross-entropy (theirs: Euclidean RBF
+units). So it has LeNet-5's layout, not its exact layers.
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ CIFAR_FC = (('conv', 32, 3, 1, 0), ('conv', 32, 3, 1, 0), ('pool', 2, 2),
             ('conv', 64, 3, 1, 0), ('conv', 64, 3, 1, 0), ('pool', 2, 2))
 
 # For 64x64 localization canvases on a CPU: 64 -> 30 -> 15 -> 13 -> 11 -> 5,
-# stride 8, about 14M multiply-adds per canvas; also unpadded.
+# stride 8, about 10M multiply-adds per canvas in the convs (19.5M FLOPs:
+# `python -m cnn.tools.summary overfeat_tiny`); also unpadded.
 TINY64 = (('conv', 32, 5, 2, 0), ('pool', 2, 2),
           ('conv', 64, 3, 1, 0), ('conv', 64, 3, 1, 0), ('pool', 2, 2))
 

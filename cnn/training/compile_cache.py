@@ -21,7 +21,8 @@ OFF = ('off', 'none', 'false', '0')
 # anyway, a small entry costs a few kB and milliseconds, and the many
 # sub-second compiles of small steps, eval steps and box ops added up. At
 # 0.5 s the test suite took 193.7 s of pytest on an AVX-512 Xeon, at 0
-# 159.4 s (warm cache both, 27 MB on disk for the whole suite).
+# 159.4 s (warm cache both, 27 MB on disk for the whole suite; commit
+# f54af07, results/speed/README.md: 3 min 14 s -> 2 min 39 s).
 MIN_COMPILE_SECONDS = 0.0
 
 

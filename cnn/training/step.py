@@ -34,7 +34,7 @@ from cnn.training.state import TrainState
 # faster in 5 of 6 side-by-side measurements (cifar_resnet20 1.12-1.20x,
 # cifar_resnet56 0.97-1.08x, an AVX2 EPYC and an AVX-512 Xeon), while on
 # Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
-# resnet56 20 % on one EPYC (README, Speed). With oneDNN's convolutions
+# resnet56 20 % on one EPYC (results/speed/). With oneDNN's convolutions
 # (FFI custom calls, no transposes for XLA to fuse into) the pass made
 # cifar_resnet20's step 1.18x faster on an AVX2 EPYC (results/speed/). So
 # `auto`, the default, keeps the pass exactly where it measured faster:
