@@ -18,13 +18,13 @@ default to the preset's):
          CPU; the 20-layer members take ~1.5 h on a 2-core AVX2 EPYC
          (results/plain_vs_resnet_fig6/ says what each member took where).
   cpu    600 iterations (lr /10 at 300 and 450, i.e. 1.5 epochs), eval
-         every 100; depths 8 and 20, seeds 0 and 1. About an hour on 2 idle
+         every 100; depths 8 and 20, seeds 0 and 1. About 45-50 min on 2
          CPU cores. It shows the degradation problem as it looks early in
          training: plain-20 trains worse than plain-8 while ResNet-20 trains
          better than ResNet-8. It cannot show the final accuracies (1.5
          epochs, not 164), nor deeper ResNets overtaking shallower ones: at
          600 iterations ResNet-56 is still in its slower start
-         (`cpu,depths=8-20-56,seeds=1` adds depth 56, +~45 min).
+         (`cpu,depths=8-20-56,seeds=1` adds depth 56, +54 min measured).
   local  8-layer nets, 4 steps of batch 8: a smoke test of the machinery.
 
 Run the sweep, then draw Figure 6 and Table 6:

@@ -65,6 +65,7 @@ import jax
 from jax import lax
 import numpy as np
 
+from cnn import hardware
 from cnn.errors import ConfigError
 from cnn.ops import onednn
 
@@ -269,18 +270,7 @@ def machine_key() -> str:
   return key
 
 
-@functools.lru_cache(maxsize=None)
-def _cpuinfo() -> dict:
-  """The first CPU's fields of /proc/cpuinfo ({} where there is none)."""
-  fields = {}
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        name, _, value = line.partition(':')
-        fields.setdefault(name.strip(), value.strip())
-  except OSError:
-    pass
-  return fields
+_cpuinfo = hardware.cpuinfo  # A name of this module's: tests replace it.
 
 
 def _cpu_has_avx512() -> bool:

@@ -18,6 +18,8 @@ import subprocess
 
 import jax
 
+from cnn import hardware
+
 FILE = 'provenance.json'
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -41,14 +43,7 @@ def code_version() -> dict:
 
 
 def _cpu() -> dict:
-  fields = {}
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        name, _, value = line.partition(':')
-        fields.setdefault(name.strip(), value.strip())
-  except OSError:
-    pass
+  fields = hardware.cpuinfo()
   flags = fields.get('flags', '').split()
   simd = [f for f in flags if f.startswith(('avx', 'amx', 'fma'))]
   return {'model': fields.get('model name') or platform.processor(),
