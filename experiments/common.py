@@ -45,7 +45,9 @@ def run(fn, *args, cache_default: str = '', **kwargs):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print('interrupted (nothing was being trained)', file=sys.stderr)
+    # Before a run trains, or a second Ctrl-C: a run resumes from its last
+    # checkpoint.
+    print('interrupted: stopped at once, nothing more saved', file=sys.stderr)
     sys.exit(130)
   except BrokenPipeError:
     # `... | head`: the reader has what it wanted.

@@ -20,7 +20,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 
 import jax
@@ -33,6 +32,7 @@ from cnn.errors import ConfigError, NonFiniteLossError, UserError
 from cnn.ops import conv as conv_ops
 from cnn.tasks import base
 from cnn.training import checkpointing
+from cnn.training import console
 from cnn.training import optim
 from cnn.training import provenance
 from cnn.training import run_folder
@@ -248,34 +248,6 @@ class Interrupted(UserError):
   """Ctrl-C or SIGTERM: the run saved its current step and stopped."""
 
 
-class _StopRequest:
-  """SIGINT / SIGTERM only set a flag, read between steps: a step is never
-  cut in the middle (its donated state would be lost). A second Ctrl-C
-  stops at once."""
-
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:
-      if signum == signal.SIGINT:  # Ctrl-C again: the user insists
-        raise KeyboardInterrupt
-      return  # e.g. a sweep runner's SIGTERM after the terminal's Ctrl-C
-    self.signal = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-
 def _saved_window(meta: dict, start: int):
   """The train-log window a Ctrl-C checkpoint carries (see `_interrupt`)."""
   w = meta.get('window')
@@ -409,6 +381,8 @@ def _recorded_numerics(workdir: str):
 def _train_and_evaluate(config, workdir: str) -> dict:
   # Local import: metric writing pulls in TensorFlow's summary ops.
   from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
+  if sharding.is_primary():  # the data may take minutes to read
+    print(console.data_line(config), flush=True)
   run = Run(config, workdir)
   if jax.process_count() > 1:
     print(f'multi-host: process {jax.process_index()} of '
@@ -487,7 +461,7 @@ def _train_and_evaluate(config, workdir: str) -> dict:
   batch = run.shard(next_batch(start)) if start < total else None
   compiled = False
   t_start = time.perf_counter()
-  stop = _StopRequest()
+  stop = console.StopRequest()
   try:
     stop.__enter__()
     if total == 0:
@@ -496,6 +470,9 @@ def _train_and_evaluate(config, workdir: str) -> dict:
       if run.checkpointer.latest_step() is None:
         run.checkpointer.save(0, state, clock.stamp(run.meta(state)))
     for step in range(start, total):
+      stop.step = step + 1  # the step a Ctrl-C now saves
+      if not compiled:
+        print(console.COMPILING, flush=True)
       state, metrics = run.train_step(state, batch)
       window.append(metrics)
       s = step + 1
@@ -539,6 +516,8 @@ def _train_and_evaluate(config, workdir: str) -> dict:
         run.checkpointer.save(s, state, clock.stamp(run.meta(state)),
                               metric=metric)
       writer.flush()
+      # Between log points: a line when the last is ~30 s old.
+      progress.tick(s, lambda: jax.block_until_ready(state.step))
       if stop.signal is not None and s < total:
         _interrupt(run, state, s, window, window_start, stop.signal, clock)
   finally:

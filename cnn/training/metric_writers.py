@@ -164,34 +164,59 @@ def console_may_close(workdir: str):
 
 
 class Progress:
-  """A console line per log point: step, loss, error, lr, steps/s, ETA."""
+  """A console line per log point: step, loss, error, lr, steps/s, ETA.
+
+  And between log points a line of the step, the rate and the ETA whenever
+  the last line is `every_seconds` old (`tick`, called after each step), so
+  that a run with long log intervals is never silent for long. `clock` is
+  the time source (seconds), injectable for tests.
+  """
 
   def __init__(self, total_steps: int, start_step: int, batch_size: int,
-               stream=None):
+               stream=None, clock=time.perf_counter,
+               every_seconds: float = 30.0):
     self.total = total_steps
     self.batch_size = batch_size
     self.stream = stream or sys.stdout
-    self._t0 = time.perf_counter()
+    self.every_seconds = every_seconds
+    self._clock = clock
+    self._t0 = clock()
     self._s0 = start_step
+    self._last_line = self._t0
 
   def reset_clock(self, step: int):
-    """Restarts the rate clock (after compilation or evaluation)."""
-    self._t0 = time.perf_counter()
+    """Restarts the rate clock (after compilation or evaluation, each of
+    which has just printed its line)."""
+    self._t0 = self._last_line = self._clock()
     self._s0 = step
 
   def rate(self, step: int) -> float:
-    dt = time.perf_counter() - self._t0
+    dt = self._clock() - self._t0
     return (step - self._s0) / dt if dt > 0 and step > self._s0 else 0.0
 
   def line(self, step: int, **values) -> str:
     rate = self.rate(step)
     eta = (self.total - step) / rate if rate else float('nan')
     vals = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
-    return (f'step {step}/{self.total} | {vals} | {rate:.2f} steps/s '
-            f'{rate * self.batch_size:.0f} img/s | ETA {_hms(eta)}')
+    return (f'step {step}/{self.total} | {vals + " | " if vals else ""}'
+            f'{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | '
+            f'ETA {_hms(eta)}')
 
   def log(self, step: int, **values):
     print(self.line(step, **values), file=self.stream, flush=True)
+    self._last_line = self._clock()
+
+  def tick(self, step: int, wait=None) -> bool:
+    """After step `step`: prints its line (no metrics: they stay on the
+    device until the next log point) if the last line is `every_seconds`
+    old. `wait()` is called first, to count only the steps that have run
+    (the loop dispatches steps ahead of the device). True if it printed."""
+    if self._clock() - self._last_line < self.every_seconds:
+      return False
+    if wait is not None:
+      wait()
+    self.log(step)
+    return True
 
 
 def _hms(seconds: float) -> str:

@@ -272,12 +272,14 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
   out = subprocess.run(cmd + [f'--workdir={killed}'], cwd=str(ROOT),
                        check=True, capture_output=True, text=True)
   lines = out.stdout.splitlines()
-  # A quiet console: the convolution in use, the resume, then our progress
-  # lines from right after compilation on.
-  assert lines[0].startswith('convolution: '), lines[:3]
-  assert lines[1].startswith('resuming from step'), lines[:3]
-  assert lines[2].startswith('step ') and (
-      '/120: compiled and ran the first step in' in lines[2]), lines[:4]
+  # A quiet console: what loads, the convolution in use, the resume, the
+  # compilation's start and end, then our progress lines.
+  assert lines[0] == f'loading cifar10_jpeg from {SHARED_TFDS} ...', lines[:5]
+  assert lines[1].startswith('convolution: '), lines[:5]
+  assert lines[2].startswith('resuming from step'), lines[:5]
+  assert lines[3] == 'compiling the train step ...', lines[:5]
+  assert lines[4].startswith('step ') and (
+      '/120: compiled and ran the first step in' in lines[4]), lines[:5]
   assert 'checkpoint_manager.py' not in out.stderr
   assert records(killed) == records(clean)
 
