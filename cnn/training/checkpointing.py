@@ -212,9 +212,6 @@ class Checkpointer:
     return (f'checkpoint {step} in {self.directory} is unreadable '
             f'({type(e).__name__}: {first}): {hint}')
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
