@@ -64,6 +64,7 @@ def parse_flags(argv):
   the wrong type; turn those into `error: ...` and exit status 2, like
   absl's own usage errors.
   """
+  _check_config_file(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -85,6 +86,38 @@ def parse_flags(argv):
     print(f'error: bad --config override: {message} (the fields and their '
           'types are those of the config file)', file=sys.stderr)
     sys.exit(2)
+
+
+def _check_config_file(argv) -> None:
+  """`--config=FILE[:ARG]` whose FILE is not there: one line and exit
+  status 2 (ml_collections defers the error to a traceback at first use)."""
+  for a in argv[1:]:
+    if a == '--':
+      return
+    if not a.startswith('--config='):
+      continue
+    value = a.split('=', 1)[1]
+    path = value.partition(':')[0]
+    if os.path.isfile(path):
+      continue
+    folder = os.path.dirname(path) or '.'
+    choices = [os.path.join(folder, f) for f in sorted(
+        os.listdir(folder) if os.path.isdir(folder) else ())
+               if f.endswith('.py') and _has_get_config(
+                   os.path.join(folder, f))]
+    hint = (f'choose one of {", ".join(choices)}' if choices
+            else 'e.g. --config=configs/cifar10.py:cifar_resnet20')
+    print(f'error: --config={value}: no config file {path}; {hint}',
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def _has_get_config(path: str) -> bool:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return 'def get_config(' in f.read()
+  except (OSError, UnicodeDecodeError):
+    return False
 
 
 def _mistyped_override(error, argv) -> str | None:

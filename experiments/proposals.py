@@ -26,6 +26,8 @@ use 6 sides from 16 px to the shorter side (geometric) x 3 ratios.
 R-CNN (each photo letterboxed to the run's canvas as it trained, every
 anchor scored, up to 2,000 boxes after NMS, scaled back to the photo).
 """
+import contextlib
+
 from absl import app
 from absl import flags
 
@@ -158,6 +160,17 @@ def table(rows) -> str:
   return '\n'.join(lines)
 
 
+@contextlib.contextmanager
+def _data_dir_flag():
+  """The library's data advice names the config field; here it is a flag."""
+  from cnn.errors import DataError  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except DataError as e:
+    raise DataError(str(e).replace('--config.data_dir', '--data_dir')
+                    ) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -175,9 +188,10 @@ def main(argv):
             'give the folder of a faster_rcnn run: python -m experiments.'
             'train --config=configs/detection.py:faster_rcnn,raccoon '
             '--workdir=DIR')
-    data = objects.load_objects(_DATASET.value, split, _DATA_DIR.value,
-                                shorter_side=_SHORTER.value,
-                                limit=_NUM_IMAGES.value)
+    with _data_dir_flag():
+      data = objects.load_objects(_DATASET.value, split, _DATA_DIR.value,
+                                  shorter_side=_SHORTER.value,
+                                  limit=_NUM_IMAGES.value)
     rpn = None
     if _RPN.value:
       from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
@@ -203,7 +217,7 @@ def main(argv):
       return photos()
     import numpy as np  # pylint: disable=g-import-not-at-top
     from cnn.data import synthetic_detection  # pylint: disable=g-import-not-at-top
-    from cnn.errors import ConfigError, DataError  # pylint: disable=g-import-not-at-top
+    from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
 
     canvas = _CANVAS.value
     if canvas < 32 or _NUM_IMAGES.value < 1:
@@ -211,14 +225,11 @@ def main(argv):
                         f'{_NUM_IMAGES.value} must be at least 32 and 1')
     # The default object range (24..64 on 128) scaled to the canvas.
     min_size, max_size = round(canvas * 3 / 16), canvas // 2
-    try:
+    with _data_dir_flag():
       data = synthetic_detection.load(
           _SOURCE.value, _SPLIT.value, _DATA_DIR.value, canvas=canvas,
           seed=_SEED.value, num_examples=_NUM_IMAGES.value,
           min_size=min_size, max_size=max_size).materialize()
-    except DataError as e:  # the library's advice names the config field
-      raise DataError(str(e).replace('--config.data_dir', '--data_dir')
-                      ) from None
     sizes = tuple(np.geomspace(min_size, max_size, 4))
     rows = measure(data.images, data.boxes, data.valid, sizes,
                    _PROCESSES.value, _SEED.value)

@@ -557,6 +557,22 @@ def restore_run(workdir: str, checkpoint: str | int = 'latest',
   return run, state, step
 
 
+def _check_picture(path: str) -> None:
+  """ConfigError (one line) before anything is evaluated when the picture
+  cannot be written: its folder (made if missing) must lie in a writable
+  folder."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ConfigError(f'--picture={path} is a folder: name a PNG file, e.g. '
+                      f'{os.path.join(path, "picture.png")}')
+  existing = folder
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+    raise ConfigError(f'--picture={path}: {existing} is not a writable '
+                      'folder; name a PNG in a folder you can write')
+
+
 def evaluate_checkpoint(workdir: str, split: str = 'test',
                         checkpoint: str | int = 'latest',
                         picture: str | None = None,
@@ -577,6 +593,8 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
   Returns:
     The task's metrics, plus 'step' and 'task'.
   """
+  if picture:
+    _check_picture(picture)
   run, state, step = restore_run(workdir, checkpoint)
   in_memory = isinstance(run.data.train, input_pipeline.ArrayData)
   if split != 'train' and split not in run.data.evals:
@@ -600,6 +618,7 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
     run.data.evals = {**run.data.evals, split: held.take(slice(0, examples))}
   result = run.evaluate(state, split, final=True)
   if picture:
+    os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
     run.task.picture(run.model, state.variables, run.data, picture)
   result['step'] = step
   result['task'] = run.task.name

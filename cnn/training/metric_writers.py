@@ -1,6 +1,8 @@
 """Run logs: `metrics.jsonl` (the source of truth), TensorBoard, console.
 
 One JSON object per logged point: `{"step", "split", "loss", "error", ...}`.
+A value that is not finite (a NaN loss) is written as `null`, so every line
+is standard JSON; `read_metrics` gives it back as NaN.
 On resume the lines past the restored step are dropped first: the resumed run
 writes them again, identically, so the file never holds a step twice.
 
@@ -14,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import sys
 import time
+
+from cnn.errors import ConfigError
 
 
 def read_metrics(workdir: str, skipped: list | None = None) -> list[dict]:
@@ -24,7 +29,11 @@ def read_metrics(workdir: str, skipped: list | None = None) -> list[dict]:
 
   A line that is not a JSON record (cut by a kill mid-write, damaged) is
   skipped, and its line number appended to `skipped`; the records after it
-  are kept.
+  are kept. A `null` value is read as NaN.
+
+  Raises:
+    ConfigError: a line is a JSON record of the wrong types (a step that is
+      not an integer, a value that is not a number): refused, not dropped.
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -40,10 +49,39 @@ def read_metrics(workdir: str, skipped: list | None = None) -> list[dict]:
       except json.JSONDecodeError:
         record = None
       if isinstance(record, dict) and 'step' in record and 'split' in record:
-        out.append(record)
+        out.append(_checked(record, path, number))
       elif skipped is not None:
         skipped.append(number)
   return out
+
+
+def _checked(record: dict, path: str, number: int) -> dict:
+  """The record with its nulls as NaN; ConfigError (one line) for a record
+  that is JSON but not one this writer writes (a hand edit, another tool):
+  it is refused rather than dropped, so nothing is lost."""
+  def bad(what: str) -> ConfigError:
+    return ConfigError(f'{path} line {number}: {what}; fix or delete that '
+                       'line (metrics.jsonl holds one record a line: an '
+                       'integer step, a split name, numbers or null)')
+  step, split = record['step'], record['split']
+  if isinstance(step, bool) or not isinstance(step, int):
+    raise bad(f'step {step!r} is not an integer')
+  if not isinstance(split, str):
+    raise bad(f'split {split!r} is not a name')
+  out = {}
+  for k, v in record.items():
+    if v is None:
+      v = math.nan
+    elif k not in ('step', 'split') and (
+        isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise bad(f'{k} {v!r} is not a number')
+    out[k] = v
+  return out
+
+
+def _json_value(v) -> float | None:
+  v = float(v)
+  return v if math.isfinite(v) else None
 
 
 class MetricWriter:
@@ -63,7 +101,9 @@ class MetricWriter:
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       for r in kept:
-        f.write(json.dumps(r) + '\n')
+        f.write(json.dumps({k: v if not isinstance(v, float) else
+                            _json_value(v) for k, v in r.items()},
+                           allow_nan=False) + '\n')
     os.replace(tmp, self.path)  # Atomic: a kill here loses nothing.
     self._file = open(self.path, 'a', buffering=1)
     self._tb = None
@@ -74,8 +114,8 @@ class MetricWriter:
 
   def write(self, step: int, split: str, **values):
     record = {'step': int(step), 'split': split}
-    record.update({k: float(v) for k, v in values.items()})
-    self._file.write(json.dumps(record) + '\n')
+    record.update({k: _json_value(v) for k, v in values.items()})
+    self._file.write(json.dumps(record, allow_nan=False) + '\n')
     if self._tb is not None:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       with self._tb.as_default(step=int(step)):

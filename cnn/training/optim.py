@@ -173,6 +173,10 @@ def plateau_update(state: PlateauState, metric: float, config) -> PlateauState:
                       cooldown=jnp.asarray(cooldown, jnp.int32))
 
 
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def validate(config) -> None:
   """Raises ConfigError for inconsistent optimizer settings."""
   if config.lr_schedule not in SCHEDULES:
@@ -186,7 +190,16 @@ def validate(config) -> None:
   if config.weight_decay < 0:
     raise ConfigError(f'weight_decay={config.weight_decay} must be >= 0')
   fractions = tuple(config.get('lr_milestone_fractions', ()) or ())
-  if fractions and tuple(config.get('lr_milestones', ()) or ()):
+  milestones = tuple(config.get('lr_milestones', ()) or ())
+  if not all(_is_number(m) and float(m).is_integer() and m >= 0
+             for m in milestones):
+    raise ConfigError(f'lr_milestones={milestones} must be steps (integers '
+                      '>= 0), e.g. --config.lr_milestones="(32000,48000)"')
+  if not all(_is_number(f) for f in fractions):
+    raise ConfigError(f'lr_milestone_fractions={fractions} must be numbers '
+                      'in (0, 1), e.g. --config.lr_milestone_fractions='
+                      '"(0.5,0.75)"')
+  if fractions and milestones:
     raise ConfigError('set lr_milestones (steps) or lr_milestone_fractions '
                       '(of num_train_steps), not both: --config.lr_milestones'
                       '=() keeps the fractions')

@@ -152,17 +152,22 @@ def read_config(workdir: str) -> dict | None:
   """The saved config.json, None when there is none.
 
   Raises:
-    ConfigError: it is not valid JSON.
+    ConfigError: it is not valid JSON, or not a JSON object.
   """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
   try:
     with open(path) as f:
-      return json.load(f)
+      saved = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f'{path} is not valid JSON ({e}); restore it from the '
                       'command that started the run') from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} holds a JSON {type(saved).__name__}, not the '
+                      "run's config (an object of its fields); restore it "
+                      'from the command that started the run')
+  return saved
 
 
 def write_config(workdir: str, config, saved: dict | None = None) -> None:

@@ -1,0 +1,156 @@
+"""Hostile inputs (issue 36): damaged records, bad flags and paths end in
+one line naming the fix, never a traceback, and lose nothing computed."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from cnn.errors import ConfigError
+from cnn.training import metric_writers
+from cnn.training import run_folder
+from tests.conftest import ROOT, small_config
+
+
+def _lines(workdir) -> list[str]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return f.read().splitlines()
+
+
+def test_a_nan_is_written_as_null_and_read_back_as_nan(tmp_path):
+  w = metric_writers.MetricWriter(str(tmp_path), tensorboard=False)
+  w.write(1, 'train', loss=float('nan'), error=float('inf'),
+          learning_rate=0.1)
+  w.close()
+  line, = _lines(tmp_path)
+  record = json.loads(line, parse_constant=lambda c: pytest.fail(
+      f'metrics.jsonl holds the non-JSON token {c}'))
+  assert record['loss'] is None and record['error'] is None
+  r, = metric_writers.read_metrics(str(tmp_path))
+  assert math.isnan(r['loss']) and math.isnan(r['error'])
+  assert r['learning_rate'] == 0.1
+  # A resume rewrites the kept records: still standard JSON.
+  metric_writers.MetricWriter(str(tmp_path), resume_step=1,
+                              tensorboard=False).close()
+  assert json.loads(_lines(tmp_path)[0])['loss'] is None
+
+
+def test_the_readers_take_null_as_a_missing_number(tmp_path):
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  from cnn.tools import time_accuracy  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('{"step": 2, "split": "train", "loss": null, "error": null, '
+            '"epoch": 0.5, "wall_seconds": 1.0}\n')
+    f.write('{"step": 2, "split": "test", "loss": null, "error": null, '
+            '"wall_seconds": 2.0}\n')
+  row = sweeps.summary_row(str(tmp_path), 'm', 4)
+  assert math.isnan(row['train']) and math.isnan(row['held_out'])
+  assert '-' in sweeps.format_table([row])
+  pts, _ = time_accuracy.points(str(tmp_path))
+  assert math.isnan(pts[0].error) and math.isnan(pts[0].train_error)
+
+
+@pytest.mark.parametrize('line,what', [
+    ('{"step": "2", "split": "train", "loss": 1.0}', "step '2'"),
+    ('{"step": 2, "split": 3, "loss": 1.0}', 'split 3'),
+    ('{"step": 2, "split": "train", "loss": "1.0"}', "loss '1.0'"),
+])
+def test_a_record_of_the_wrong_types_is_one_line(tmp_path, line, what):
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.write('{"step": 1, "split": "train", "loss": 1.0}\n' + line + '\n')
+  with pytest.raises(ConfigError) as e:
+    metric_writers.read_metrics(str(tmp_path))
+  message = str(e.value)
+  assert 'metrics.jsonl line 2' in message and what in message
+  assert 'fix or delete that line' in message and '\n' not in message
+  # A resume refuses too, and leaves the file as it was (nothing lost).
+  with pytest.raises(ConfigError):
+    metric_writers.MetricWriter(str(tmp_path), resume_step=2,
+                                tensorboard=False)
+  assert _lines(tmp_path)[1] == line
+
+
+def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path):
+  (tmp_path / 'config.json').write_text('[1, 2]')
+  with pytest.raises(ConfigError, match='holds a JSON list'):
+    run_folder.read_config(str(tmp_path))
+
+
+@pytest.mark.parametrize('field,value', [
+    ('lr_milestones', ('abc',)), ('lr_milestones', (1.5,)),
+    ('lr_milestones', (-1,)), ('lr_milestone_fractions', ('x',))])
+def test_milestones_that_are_not_steps_are_refused_before_data(field, value):
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  c = small_config(lr_schedule='step', warmup_steps=0)
+  with c.unlocked():
+    c.lr_milestones, c.lr_milestone_fractions = (), ()
+    c[field] = value
+  with pytest.raises(ConfigError, match=field):
+    loop.validate_config(c, tasks.get(c))
+
+
+def test_a_picture_into_a_missing_folder_is_drawn_there(tmp_path,
+                                                        monkeypatch):
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+
+  def picture(model, variables, data, path):
+    del model, variables, data
+    with open(path, 'wb') as f:
+      f.write(b'png')
+
+  run = types.SimpleNamespace(
+      data=types.SimpleNamespace(train=None, evals={'test': None}),
+      evaluate=lambda state, split, final: {'error': 0.5},
+      task=types.SimpleNamespace(picture=picture, name='fake',
+                                 eval_keys=('error',)),
+      model=None)
+  state = types.SimpleNamespace(variables={})
+  monkeypatch.setattr(loop, 'restore_run', lambda *a: (run, state, 3))
+  png = tmp_path / 'new' / 'folder' / 'p.png'
+  r = loop.evaluate_checkpoint(str(tmp_path), picture=str(png))
+  assert r['error'] == 0.5 and png.read_bytes() == b'png'
+
+
+def test_a_picture_that_cannot_be_written_is_refused_before_evaluating(
+    tmp_path, monkeypatch):
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(loop, 'restore_run',
+                      lambda *a: pytest.fail('evaluated first'))
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ConfigError, match='not a writable folder'):
+    loop.evaluate_checkpoint(str(tmp_path),
+                             picture=str(tmp_path / 'a_file' / 'p.png'))
+  with pytest.raises(ConfigError, match='is a folder'):
+    loop.evaluate_checkpoint(str(tmp_path), picture=str(tmp_path))
+
+
+def _script(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+  p = _script('experiments.train', '--config=configs/nope.py',
+              f'--workdir={tmp_path / "run"}')
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+  assert 'no config file configs/nope.py' in p.stderr
+  assert 'configs/cifar10.py' in p.stderr
+  assert 'configs/common.py' not in p.stderr  # no get_config there
+  assert not (tmp_path / 'run').exists()
+
+
+def test_proposals_names_its_own_data_dir_flag(tmp_path):
+  p = _script('experiments.proposals', '--dataset=no_such_dataset',
+              f'--data_dir={tmp_path}')
+  assert p.returncode == 1, p.stderr
+  assert '--data_dir=DIR' in p.stderr, p.stderr
+  assert '--config.data_dir' not in p.stderr
+  assert 'Traceback' not in p.stderr
+
