@@ -12,11 +12,12 @@ so the study's tables and figures rebuild from the repository alone
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
 
 from cnn.errors import ConfigError
+from cnn.training import metric_writers
+from cnn.training import run_folder
 
 RECORDS = ('metrics.jsonl', 'config.json', 'provenance.json')
 OPTIONAL = ('numerics.json',)
@@ -24,12 +25,8 @@ OPTIONAL = ('numerics.json',)
 
 def last_step(run_dir: str) -> int:
   """The last step metrics.jsonl logged (0 when it logged none)."""
-  step = 0
-  with open(os.path.join(run_dir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      if line.strip():
-        step = max(step, int(json.loads(line)['step']))
-  return step
+  return max((int(r['step']) for r in metric_writers.read_metrics(run_dir)),
+             default=0)
 
 
 def check_finished(run_dir: str) -> int:
@@ -41,8 +38,7 @@ def check_finished(run_dir: str) -> int:
     raise ConfigError(f'{run_dir} lacks {", ".join(missing)}: keep a run '
                       'folder that the trainer wrote (this version of it '
                       'writes provenance.json)')
-  with open(os.path.join(run_dir, 'config.json'), encoding='utf-8') as f:
-    total = int(json.load(f)['num_train_steps'])
+  total = int(run_folder.read_config(run_dir)['num_train_steps'])
   reached = last_step(run_dir)
   if reached < total:
     raise ConfigError(f'{run_dir} stopped at step {reached} of {total}: '
@@ -87,13 +83,3 @@ def keep(run_dir: str, dest: str, *, unfinished: bool = False,
     written.append(os.path.join(dest, n))
   return written
 
-
-def loop_hours(record_dir: str) -> float | None:
-  """Hours of the run's training loop (provenance.json), None if unknown."""
-  try:
-    with open(os.path.join(record_dir, 'provenance.json'),
-              encoding='utf-8') as f:
-      seconds = json.load(f).get('loop_seconds')
-  except (OSError, ValueError):
-    return None
-  return None if seconds is None else seconds / 3600
