@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from cnn.errors import ConfigError
+from cnn.training import metric_writers
 from cnn.training import transfer
 
 SPLITS = ('val', 'test')
@@ -102,7 +103,9 @@ class Task:
 
 
 def format_metrics(result: dict, keys) -> str:
-  return ' '.join(f'{k} {result[k]:.4g}' for k in keys if k in result)
+  """`error 34.12% loss 1.023`: rates in percent (`format_value`)."""
+  return ' '.join(f'{k} {metric_writers.format_value(k, result[k])}'
+                  for k in keys if k in result)
 
 
 def unknown_value(field: str, value: Any, choices) -> ConfigError:

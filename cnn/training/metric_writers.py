@@ -237,7 +237,7 @@ class Progress:
   def line(self, step: int, **values) -> str:
     rate = self.rate(step)
     eta = (self.total - step) / rate if rate else float('nan')
-    vals = ' '.join(f'{k} {v:.4g}' for k, v in values.items())
+    vals = ' '.join(f'{k} {format_value(k, v)}' for k, v in values.items())
     return (f'step {step}/{self.total} | {vals + " | " if vals else ""}'
             f'{rate:.2f} steps/s {rate * self.batch_size:.0f} img/s | '
             f'ETA {_hms(eta)}')
@@ -257,6 +257,14 @@ class Progress:
       wait()
     self.log(step)
     return True
+
+
+def format_value(key: str, value: float) -> str:
+  """A metric as a person reads it: error and accuracy rates in percent, as
+  the sweep and plot tables print them; anything else to 4 digits."""
+  if 'error' in key or 'accuracy' in key:
+    return f'{100 * value:.2f}%'
+  return f'{value:.4g}'
 
 
 def _hms(seconds: float) -> str:

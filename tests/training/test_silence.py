@@ -189,3 +189,15 @@ def test_ctrl_c_of_the_cli_says_stopping_and_exits_130(tmp_path):
   # another before the flag was read, never fewer.
   assert 1 <= int(acked.group(1)) <= int(saved.group(1))
   assert os.listdir(wd / 'checkpoints') == [saved.group(1)]
+
+
+def test_errors_read_in_percent_on_the_console_as_in_the_tables():
+  from cnn.tasks import base  # pylint: disable=g-import-not-at-top
+  assert base.format_metrics({'error': 0.34125, 'loss': 1.0234,
+                              'error_top5': 0.1}, ['error', 'error_top5',
+                                                   'loss']) == (
+                                                       'error 34.12% '
+                                                       'error_top5 10.00% '
+                                                       'loss 1.023')
+  p = metric_writers.Progress(10, 0, 8)
+  assert ' | error 6.25% lr 0.1 | ' in p.line(2, error=0.0625, lr=0.1)
