@@ -72,7 +72,10 @@ def parse_arg(arg: str | None, presets: Iterable[str],
   parts = [p.strip() for p in (arg or presets[0]).split(',') if p.strip()]
   preset = parts[0] if parts else presets[0]
   if preset not in presets:
-    raise ConfigError(f"unknown preset '{preset}'; use one of "
+    import difflib  # pylint: disable=g-import-not-at-top
+    close = difflib.get_close_matches(preset.lower(), presets, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ''
+    raise ConfigError(f"unknown preset '{preset}'; {hint}use one of "
                       f'{", ".join(presets)} (e.g. file.py:{presets[0]})')
   out = dict(options)
   for part in parts[1:]:

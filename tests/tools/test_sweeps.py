@@ -304,3 +304,11 @@ def test_mean_std_uses_the_sample_std():
   assert sweeps.mean_std([1.0]) == '1.0'
   assert sweeps.mean_std([1.0, 3.0]) == '2.0 +- 1.4'  # stdev = sqrt(2)
   assert sweeps.mean_std([10, 10, 10], digits=2) == '10.00 +- 0.00'
+
+
+def test_a_misspelt_preset_gets_the_closest_name():
+  with pytest.raises(ConfigError, match=r"unknown preset 'fgi6'; did you "
+                     r"mean 'fig6'\? use one of paper, fig6"):
+    sweeps.parse_arg('fgi6', ['paper', 'fig6', 'cpu', 'local'], {})
+  with pytest.raises(ConfigError, match=r"unknown preset 'zzz'; use one"):
+    sweeps.parse_arg('zzz', ['paper', 'fig6'], {})
