@@ -75,7 +75,12 @@ def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
   c.lr_milestone_fractions = (0.5, 0.75)
   c.eval_every_steps = p['eval_every']
   c.checkpoint_every_steps = p['eval_every']
-  c.log_every_steps = max(1, p['eval_every'] // 5)
+  # About five train-log points per evaluation, on a divisor of the eval
+  # interval (the loop logs at the gcd of the two: 391 // 5 = 78 would log
+  # every step, a host sync each step; 23 divides 391).
+  every = p['eval_every']
+  c.log_every_steps = max(d for d in range(1, max(every // 5, 1) + 1)
+                          if every % d == 0)
   if preset == 'local':
     c.model = 'cifar_resnet8'
     c.batch_size = 8

@@ -136,13 +136,27 @@ def mean_curve(runs: list[Run], split: str) -> tuple[np.ndarray, np.ndarray]:
   return steps, 100.0 * values.mean(axis=0) if len(common) else np.zeros(0)
 
 
+def _binned(x: np.ndarray, y: np.ndarray, points: int = 200
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """At most ~`points` points: consecutive log points averaged (a run that
+  logged its training error every step would draw a band of batch noise;
+  the paper draws a curve). Shorter curves are returned as they are."""
+  if len(x) <= 2 * points:
+    return x, y
+  k = len(x) // points
+  n = len(x) // k * k
+  return (x[:n].reshape(-1, k)[:, -1],
+          y[:n].reshape(-1, k).mean(axis=1))
+
+
 def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
   """He et al. Figure 6: plain nets left, ResNets right.
 
   x = iterations, y = error %; dashed = training error, bold = test error
   (the held-out split when there is no test record); one colour per depth,
   the same colour for a depth on both panels, the same y-range on both.
-  Several seeds of one net are averaged.
+  Several seeds of one net are averaged; a training curve of more than 400
+  log points is averaged down to about 200.
   """
   groups = _groups(runs)
   # One colour per depth, shared by both panels; per net when several nets
@@ -168,7 +182,7 @@ def figure6(runs: list[Run], title: str | None = None) -> plt.Figure:
       label = _label(kind, depth, stem, groups)
       seeds = f' ({len(members)} seeds)' if len(members) > 1 else ''
       split = sweeps.eval_split(members[0].records) or 'test'
-      x, y = mean_curve(members, 'train')
+      x, y = _binned(*mean_curve(members, 'train'))
       if len(x):
         ax.plot(x, y, '--', color=colour(depth, stem), linewidth=1)
         lo, hi = min(lo, y.min()), max(hi, y.max())
@@ -363,8 +377,12 @@ def write_all(workdir: str, out: str | None = None, dpi: int = 80,
   runs = load_runs(workdir, only)
   out = out or workdir
   os.makedirs(out, exist_ok=True)
-  written = [save(figure6(runs, title=os.path.basename(
-      os.path.abspath(workdir))), os.path.join(out, 'figure6.png'), dpi)]
+  # A study's kept records (results/STUDY/runs) are titled by the study.
+  name = os.path.basename(os.path.abspath(workdir))
+  if name == 'runs':
+    name = os.path.basename(os.path.dirname(os.path.abspath(workdir)))
+  written = [save(figure6(runs, title=name), os.path.join(out, 'figure6.png'),
+                  dpi)]
   table = table6(runs)
   path = os.path.join(out, 'table6.md')
   with open(path, 'w') as f:
