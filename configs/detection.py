@@ -75,10 +75,8 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.kind = kind
 
   c.dataset = 'synthetic'  # or 'voc': TFDS voc/2007 resized to the canvas
-  # The canvases' source images: the prepared cifar10_jpeg where the data
-  # folder holds it, else TFDS's cifar10 (configs/common.py's rule).
-  c.source, folder = common.dataset_and_dir('cifar10_jpeg', 'cifar10')
-  c.data_dir = common.data_dir_field(folder)
+  c.source = 'cifar10_jpeg'
+  c.data_dir = common.data_dir_field(common.data_dir())
   c.train_split = 'train'
   c.test_split = 'test'
   c.train_examples = 5000  # canvases

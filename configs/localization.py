@@ -71,8 +71,8 @@ def get_config(arg: str = 'joint') -> config_dict.ConfigDict:
   c.box_weight = 1.0  # joint: cross-entropy + box_weight * L2
 
   c.dataset = 'synthetic'  # or 'voc' (TFDS voc/2007, single object)
-  c.source, folder = common.dataset_and_dir('cifar10_jpeg', 'cifar10')
-  c.data_dir = common.data_dir_field(folder)
+  c.source = 'cifar10_jpeg'
+  c.data_dir = common.data_dir_field(common.data_dir())
   c.train_split = 'train'
   c.test_split = 'test'
   c.train_examples = 0  # 0: the whole split
