@@ -21,6 +21,13 @@ os.environ.setdefault('CNN_CONV_WEIGHT_GRAD', 'xla')
 # without AVX-512 (cnn/ops/conv.py); tests/ops/test_conv.py compares the two.
 os.environ.setdefault('CNN_XLA_CPU_CONV', 'ynnpack')
 
+# pytest -n 2 runs two workers on the machine's cores: each gets its share
+# for oneDNN's OpenMP threads (two teams of 2 threads on 2 cores spin at
+# each other's barriers), as sweep workers do (cnn.tools.sweeps.worker_env).
+if os.environ.get('PYTEST_XDIST_WORKER_COUNT'):
+  os.environ.setdefault('OMP_NUM_THREADS', str(max(
+      1, (os.cpu_count() or 1) // int(os.environ['PYTEST_XDIST_WORKER_COUNT']))))
+
 # Compiled steps are cached on disk (cnn/training/compile_cache.py): the
 # suite compiles the same small nets in many tests and processes.
 from cnn.training import compile_cache  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -173,10 +173,15 @@ def worker_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
   several share one, each may preallocate only its part of the memory
   (`XLA_PYTHON_CLIENT_MEM_FRACTION`, JAX preallocates 75 % by default, so
   a second process on the same GPU would otherwise run out). On a machine
-  without GPUs the workers share the host's cores: no settings.
+  without GPUs the workers share the host's cores: each gets its share of
+  them for oneDNN's OpenMP threads (`OMP_NUM_THREADS`; OpenMP's barriers
+  wait for the slowest thread, so two workers of 2 threads each on 2 cores
+  lose far more than they gain), unless the variable is set already.
   """
   if gpus < 1:
-    return {}
+    if parallel < 2 or 'OMP_NUM_THREADS' in os.environ:
+      return {}
+    return {'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // parallel))}
   env = {'CUDA_VISIBLE_DEVICES': str(slot % gpus)}
   sharing = len(range(slot % gpus, parallel, gpus))  # workers on this GPU
   if sharing > 1:

@@ -248,7 +248,8 @@ def test_sigterm_stops_the_parallel_workers(tmp_path):
       os.kill(pid, 0)
 
 
-def test_workers_sharing_a_gpu_split_its_memory(tmp_path, capsys):
+def test_workers_sharing_a_gpu_split_its_memory(tmp_path, capsys,
+                                               monkeypatch):
   # One GPU, two workers: both on device 0, 45 % of its memory each.
   assert [sweeps.worker_env(s, 2, 1) for s in (0, 1)] == [
       {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}
@@ -258,7 +259,14 @@ def test_workers_sharing_a_gpu_split_its_memory(tmp_path, capsys):
       {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'},
       {'CUDA_VISIBLE_DEVICES': '1'},
       {'CUDA_VISIBLE_DEVICES': '0', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45'}]
-  assert sweeps.worker_env(0, 2, 0) == {}  # CPU: nothing to set
+  # CPU: each worker gets its share of the cores for OpenMP, unless the
+  # user set OMP_NUM_THREADS; one worker needs nothing.
+  monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+  monkeypatch.setattr(os, 'cpu_count', lambda: 4)
+  assert sweeps.worker_env(1, 2, 0) == {'OMP_NUM_THREADS': '2'}
+  assert sweeps.worker_env(0, 1, 0) == {}
+  monkeypatch.setenv('OMP_NUM_THREADS', '3')
+  assert sweeps.worker_env(0, 2, 0) == {}
   _run('local,depths=8', tmp_path, parallel=2, dry_run=True)
   out = capsys.readouterr().out
   assert 'worker 0:' in out and 'worker 1:' in out
