@@ -120,8 +120,11 @@ def test_auto_measures_once_per_shape_and_machine(tmp_path, monkeypatch):
   [(key, entry)] = shapes.items()
   assert '(4, 8, 8, 3) (3, 3, 3, 5)' in key
   assert set(entry['ms']) == {'1', '2'}  # the candidates that divide 4
-  assert entry['chunks'] == conv.choose(
-      {int(m): t for m, t in entry['ms'].items()})
+  # The choice was made on the unrounded times; the plan keeps them rounded
+  # to 0.01 ms, so allow that much when checking it against them.
+  ms = {int(m): t for m, t in entry['ms'].items()}
+  assert entry['chunks'] in ms
+  assert ms[entry['chunks']] <= min(ms.values()) * (1 + conv.TOLERANCE) + 0.01
   _, dw_ref = _grads(lax.conv_general_dilated, x, w, (1, 1), 'SAME')
   _assert_close(dw, dw_ref)
 
