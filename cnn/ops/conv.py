@@ -141,20 +141,7 @@ def current_implementation() -> str:
   if asked == 'onednn' and not ok:
     raise ConfigError(f"conv='onednn' cannot run here: {why}; set "
                       "--config.conv=auto or xla")
-  if ok:
-    _no_persistent_cache()
   return 'onednn' if ok else 'xla'
-
-
-def _no_persistent_cache() -> None:
-  """Programs with oneDNN's custom calls are kept out of JAX's persistent
-  compilation cache (cnn/training/compile_cache.py): one loaded from it in
-  another process crashed (a segmentation fault in the suite's vgg_tiny
-  forward-backward test on 2026-12-06, never with the cache off). Until
-  that is understood, the cache is turned off from the first program that
-  uses oneDNN on; it compiles afresh, as a run without the cache does."""
-  if jax.config.jax_enable_compilation_cache:
-    jax.config.update('jax_enable_compilation_cache', False)
 
 
 def describe() -> str:
@@ -480,7 +467,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if simple and current_implementation() == 'onednn':
     strides, pads, dn = _normalize(lhs.shape, rhs.shape, window_strides,
                                    padding, dimension_numbers)
-    if onednn.supports(lhs, rhs, dn):
+    if onednn.supports(lhs, rhs, dn, strides, pads):
       return onednn.conv(lhs, rhs, strides, pads)
   plain = simple and current_policy() != 'xla'
   if not plain:

@@ -34,6 +34,9 @@ _SYMBOLS = {'fwd': 'OnednnConvFwd', 'bwd_data': 'OnednnConvBwdData',
 NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
+_LIB = []  # the loaded library, once `_load` succeeded
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[str | None, str]:
   """(None, oneDNN version) when loaded and registered; else (reason, '')."""
@@ -54,6 +57,10 @@ def _load() -> tuple[str | None, str]:
         _TARGETS[kind], jax.ffi.pycapsule(getattr(lib, symbol)),
         platform='cpu')
   lib.onednn_conv_version.restype = ctypes.c_char_p
+  lib.onednn_conv_check.restype = ctypes.c_int
+  lib.onednn_conv_check.argtypes = [ctypes.POINTER(ctypes.c_int64),
+                                    ctypes.c_char_p, ctypes.c_int]
+  _LIB.append(lib)
   return None, lib.onednn_conv_version().decode()
 
 
@@ -71,13 +78,37 @@ def _threads() -> str:
   return os.environ.get('OMP_NUM_THREADS') or str(os.cpu_count())
 
 
-def supports(lhs, rhs, dn) -> bool:
+def supports(lhs, rhs, dn, strides, padding) -> bool:
   """Shapes the kernel handles (the caller has ruled out dilation and
-  groups): 2-D, float32, NHWC/HWIO. Others take XLA's convolution."""
+  groups): 2-D, float32, NHWC/HWIO, and oneDNN has a fast kernel it trusts
+  for all three passes (`kernel_check`). Others take XLA's convolution."""
   return (lhs.ndim == 4 and lhs.dtype == jnp.float32
           and rhs.dtype == jnp.float32
           and (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec))
-          == NHWC_HWIO)
+          == NHWC_HWIO
+          and kernel_check(tuple(lhs.shape), tuple(rhs.shape),
+                           tuple(strides), tuple(padding))[0])
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_check(x_shape, w_shape, strides, padding) -> tuple[bool, str]:
+  """(True, '') when oneDNN runs this convolution's forward pass and both
+  gradients on JIT kernels; else (False, which pass has what). oneDNN
+  picks by shape and thread count: a layer whose maps are tiny (2x2 under
+  a 3x3 kernel) can get only its im2col+GEMM kernel, which crashed here,
+  or its reference loops, 50-100x slower; such a layer keeps XLA's
+  convolution (native/onednn_conv.cc says which kernels are skipped)."""
+  if not status()[0]:
+    return False, status()[1]
+  (pt, pb), (pl, pr) = padding
+  n, h, w, c = x_shape
+  kh, kw, _, k = w_shape
+  _, oh, ow, _ = out_shape(x_shape, w_shape, strides, padding)
+  geometry = (ctypes.c_int64 * 15)(n, h, w, c, kh, kw, k, oh, ow,
+                                   strides[0], strides[1], pt, pb, pl, pr)
+  why = ctypes.create_string_buffer(512)
+  ok = bool(_LIB[0].onednn_conv_check(geometry, why, len(why)))
+  return ok, why.value.decode()
 
 
 def _attrs(strides, padding) -> dict:

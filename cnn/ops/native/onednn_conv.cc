@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -49,6 +50,7 @@ struct Entry {
   memory::desc user_wei;        // HWIO
   dnnl::reorder wei_reorder;    // HWIO -> blocked (fwd, bwd_data) or back
   bool same_wei = false;        // the primitive took HWIO itself
+  std::string impl;             // oneDNN's name for the kernel it runs
 };
 
 dnnl::engine& Engine() {
@@ -72,6 +74,34 @@ memory::dims Nchw(int64_t n, int64_t c, int64_t h, int64_t w) {
   return {n, c, h, w};
 }
 
+// Implementations oneDNN would pick that are skipped for the next one on
+// its list (a shape with nothing else keeps its first; `onednn_conv_check`
+// then sends the layer to XLA):
+// * im2col + GEMM (`gemm` in the name), which oneDNN picks for tiny maps
+//   such as 2x2 or 1x1 under a 3x3 kernel with padding 1 at one OpenMP
+//   thread: its weight gradient crashed in im2col (a segmentation fault in
+//   the suite's vgg_tiny test run after resnet_tiny, about 3 runs in 4 on
+//   a 2-core AVX2 EPYC; oneDNN has fixed invalid reads in this kernel on
+//   AVX2 before). Never picked for a CIFAR ResNet at batch 128;
+// * the strided 1x1 weight gradient (`jit_1x1`) with fewer than 16 input
+//   channels, reported to write past its workspace (oneDNN issue 6035).
+bool Unsafe(const std::string& impl, const Geometry& g) {
+  if (impl.find("gemm") != std::string::npos) return true;
+  return impl.find("jit_1x1") != std::string::npos && g.c < 16 &&
+         (g.sh > 1 || g.sw > 1);
+}
+
+template <typename PD>
+void SkipUnsafe(PD& pd, const Geometry& g) {
+  PD first = pd;
+  while (Unsafe(pd.impl_info_str(), g)) {
+    if (!pd.next_impl()) {
+      pd = first;
+      return;
+    }
+  }
+}
+
 Entry Build(Kind kind, const Geometry& g) {
   dnnl::engine& eng = Engine();
   memory::dims strides = {g.sh, g.sw};
@@ -89,7 +119,9 @@ Entry Build(Kind kind, const Geometry& g) {
   Entry e;
   e.user_wei = user_wei;
   if (kind == kFwd) {
+    SkipUnsafe(fwd_pd, g);
     e.prim = dnnl::convolution_forward(fwd_pd);
+    e.impl = fwd_pd.impl_info_str();
     e.src = fwd_pd.src_desc();
     e.wei = fwd_pd.weights_desc();
     e.dst = fwd_pd.dst_desc();
@@ -97,7 +129,9 @@ Entry Build(Kind kind, const Geometry& g) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md,
         strides, pad_l, pad_r, fwd_pd);
+    SkipUnsafe(pd, g);
     e.prim = dnnl::convolution_backward_data(pd);
+    e.impl = pd.impl_info_str();
     e.src = pd.diff_src_desc();
     e.wei = pd.weights_desc();
     e.dst = pd.diff_dst_desc();
@@ -105,7 +139,9 @@ Entry Build(Kind kind, const Geometry& g) {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md,
         strides, pad_l, pad_r, fwd_pd);
+    SkipUnsafe(pd, g);
     e.prim = dnnl::convolution_backward_weights(pd);
+    e.impl = pd.impl_info_str();
     e.src = pd.src_desc();
     e.wei = pd.diff_weights_desc();
     e.dst = pd.diff_dst_desc();
@@ -243,6 +279,38 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdWeights, BwdWeightsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+
+// Whether all three passes of this convolution get a fast kernel that is
+// not skipped above (oneDNN's reference kernels, `ref`, are plain loops,
+// 50-100x slower than its JIT kernels): 1 if so, 0 if not, so that the
+// Python side gives the layer to XLA at trace time. `why` gets the pass
+// and kernel that failed (or oneDNN's error). Primitives are built and
+// cached here, as their first call would.
+extern "C" int onednn_conv_check(const int64_t* geometry, char* why,
+                                 int why_size) {
+  const int64_t* v = geometry;
+  Geometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+             v[8], v[9], v[10], v[11], v[12], v[13], v[14]};
+  static const char* kNames[] = {"forward", "input gradient",
+                                 "weight gradient"};
+  std::string reason;
+  try {
+    for (Kind kind : {kFwd, kBwdData, kBwdWeights}) {
+      const Entry& e = Lookup(kind, g);
+      if (Unsafe(e.impl, g) || e.impl.rfind("ref", 0) == 0) {
+        reason = std::string(kNames[kind]) + " has only oneDNN's '" +
+                 e.impl + "' kernel";
+        break;
+      }
+    }
+  } catch (const dnnl::error& err) {
+    reason = std::string("oneDNN: ") + err.what();
+  }
+  if (why_size > 0) {
+    std::snprintf(why, why_size, "%s", reason.c_str());
+  }
+  return reason.empty() ? 1 : 0;
+}
 
 // The oneDNN version this was built against, for the run's records.
 extern "C" const char* onednn_conv_version() {
