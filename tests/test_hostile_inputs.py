@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import tensorflow_datasets as tfds
 
 from cnn.errors import ConfigError
 from cnn.training import metric_writers
@@ -154,3 +155,26 @@ def test_proposals_names_its_own_data_dir_flag(tmp_path):
   assert '--config.data_dir' not in p.stderr
   assert 'Traceback' not in p.stderr
 
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_one_line_first(
+    tmp_path, monkeypatch):
+  """Orbax's asynchronous save failed there with four tracebacks, then the
+  process hung; now the run refuses before it trains a step."""
+  from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  from cnn.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  with pytest.raises(CheckpointError, match='cannot write checkpoints in'):
+    checkpointing.Checkpointer(str(blocked / 'checkpoints'))
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'checkpoints').write_text('not a folder')
+  monkeypatch.setattr(loop.Run, 'train_step',
+                      lambda *a: pytest.fail('trained a step'),
+                      raising=False)
+  with tfds.testing.mock_data(num_examples=24), pytest.raises(
+      CheckpointError, match='choose another --workdir'):
+    loop.train_and_evaluate(small_config(), str(workdir))
+  assert (workdir / 'checkpoints').read_text() == 'not a folder'

@@ -81,6 +81,8 @@ class Checkpointer:
         cleanup_tmp_directories=not read_only)
     self.best_mode = best_mode
     self.init_from = init_from
+    if not read_only:
+      _check_writable(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_names=('state', 'meta'))
@@ -215,6 +217,23 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _check_writable(directory: str) -> None:
+  """Refuses, before any step is trained, a checkpoints folder that cannot
+  be created or written: orbax's asynchronous save failed there with four
+  tracebacks and then left the process hanging (a sweep would stall on it).
+  """
+  probe = os.path.join(directory, f'.write_test.{os.getpid()}')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(
+        f'cannot write checkpoints in {directory} ({e.strerror or e}): make '
+        'it writable (or free its disk), or choose another --workdir') from None
 
 
 def _shape_mismatches(saved: dict, expected: dict) -> str:
