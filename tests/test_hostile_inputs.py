@@ -178,3 +178,27 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_one_line_first(
       CheckpointError, match='choose another --workdir'):
     loop.train_and_evaluate(small_config(), str(workdir))
   assert (workdir / 'checkpoints').read_text() == 'not a folder'
+
+
+def test_orbax_s_disk_full_tracebacks_are_dropped_for_the_loop_s_line():
+  """On a full disk orbax's save threads logged four tracebacks (two whose
+  message says nothing of the disk) before the loop's one line; only those
+  go, any other error of orbax's still shows."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from cnn.training import checkpointing  # pylint: disable=g-import-not-at-top
+
+  def record(message, exc=None):
+    exc_info = (type(exc), exc, None) if exc else None
+    return logging.LogRecord('absl', logging.ERROR, __file__, 1, message,
+                             None, exc_info)
+
+  full = ValueError('RESOURCE_EXHAUSTED: Failed to write 43461 bytes to '
+                    'file 9: No space left on device')
+  wrapped = RuntimeError('Save Finalize thread (save_finalize) failed.')
+  wrapped.__cause__ = full
+  quiet = checkpointing._FILTER  # pylint: disable=protected-access
+  assert not quiet.filter(record(f'_SignalingThread.run() raised: {full}'))
+  assert not quiet.filter(record('Save Finalize thread failed.', wrapped))
+  assert quiet.filter(record('Save Finalize thread failed.',
+                             ValueError('permission denied')))
+  assert quiet.filter(record('some other orbax error'))

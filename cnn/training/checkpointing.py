@@ -30,10 +30,29 @@ _EXPECTED = ('Requested `tracked_metric`; did not provide metrics',
              'Given directory is read only')
 
 
+# A full disk: orbax's save threads log it with a traceback each (four for
+# one checkpoint) before the save raises; the loop says it in one line
+# naming the folder and the step a rerun resumes from (`loop._disk_full`).
+_DISK_FULL = ('No space left on device', "os_error_code='28'")
+
+
 class _QuietOrbax(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.getMessage()).startswith(_EXPECTED)
+    message = str(record.getMessage())
+    return not (message.startswith(_EXPECTED)
+                or _says_disk_full(message, record.exc_info))
+
+
+def _says_disk_full(message: str, exc_info) -> bool:
+  texts = [message]
+  e = exc_info[1] if exc_info else None
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    texts.append(str(e))
+    e = e.__cause__ or e.__context__
+  return any(s in t for t in texts for s in _DISK_FULL)
 
 
 _FILTER = _QuietOrbax()
