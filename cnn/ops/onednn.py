@@ -71,7 +71,9 @@ def status() -> tuple[bool, str]:
   reason, version = _load()
   if reason:
     return False, f'XLA (oneDNN convolution {reason})'
-  return True, f'oneDNN {version} via XLA FFI ({_threads()} threads)'
+  n = _threads()
+  return True, (f"oneDNN {version} via XLA FFI ({n} thread"
+                f"{'' if n == '1' else 's'})")
 
 
 def _threads() -> str:
