@@ -281,8 +281,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBwdWeights, BwdWeightsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 
 // Whether all three passes of this convolution get a fast kernel that is
-// not skipped above (oneDNN's reference kernels, `ref`, are plain loops,
-// 50-100x slower than its JIT kernels): 1 if so, 0 if not, so that the
+// not skipped above (oneDNN's reference kernels, `ref`, are plain loops:
+// 1.4-7 ms for a 2x2 layer of batch 2): 1 if so, 0 if not, so that the
 // Python side gives the layer to XLA at trace time. `why` gets the pass
 // and kernel that failed (or oneDNN's error). Primitives are built and
 // cached here, as their first call would.
