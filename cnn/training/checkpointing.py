@@ -10,6 +10,7 @@ a run killed mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -30,29 +31,33 @@ _EXPECTED = ('Requested `tracked_metric`; did not provide metrics',
              'Given directory is read only')
 
 
-# A full disk: orbax's save threads log it with a traceback each (four for
-# one checkpoint) before the save raises; the loop says it in one line
-# naming the folder and the step a rerun resumes from (`loop._disk_full`).
-_DISK_FULL = ('No space left on device', "os_error_code='28'")
-
-
 class _QuietOrbax(logging.Filter):
+  """Drops orbax's expected notes, and its save threads' tracebacks of a
+  full disk (four for one checkpoint, before the save raises): the loop
+  says that in one line naming the folder and the step a rerun resumes
+  from."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = str(record.getMessage())
-    return not (message.startswith(_EXPECTED)
-                or _says_disk_full(message, record.exc_info))
+    return not (message.startswith(_EXPECTED) or _NO_SPACE in message
+                or is_disk_full(record.exc_info[1] if record.exc_info
+                                else None))
 
 
-def _says_disk_full(message: str, exc_info) -> bool:
-  texts = [message]
-  e = exc_info[1] if exc_info else None
+_NO_SPACE = 'No space left on device'
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+  """Whether `e` or an exception it was raised from says the disk is full
+  (orbax wraps the OSError into other errors, keeping only its text)."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    texts.append(str(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        _NO_SPACE in str(e)):
+      return True
     e = e.__cause__ or e.__context__
-  return any(s in t for t in texts for s in _DISK_FULL)
+  return False
 
 
 _FILTER = _QuietOrbax()

@@ -15,7 +15,6 @@ numbers as an uninterrupted run (on CPU, where XLA is deterministic).
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import signal
@@ -303,17 +302,6 @@ def _interrupt(run, state, s: int, window: list, window_start: int, signum,
                     f'{ckpt.directory}; rerun the same command to resume')
 
 
-def _disk_full(e: BaseException | None) -> bool:
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
-        'No space left on device' in str(e)):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
 def _logged(result: dict) -> dict:
   """A result's metrics for metrics.jsonl: 'examples' is a count."""
   return {k: v for k, v in result.items() if k != 'examples'}
@@ -359,7 +347,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with _recorded_numerics(workdir):
         return _train_and_evaluate(config, workdir)
     except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, UserError) or not _disk_full(e):
+      if isinstance(e, UserError) or not checkpointing.is_disk_full(e):
         raise
       steps = run_folder.checkpoint_steps(workdir)
       kept = (f'it resumes from step {steps[-1]}' if steps
