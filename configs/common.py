@@ -10,8 +10,15 @@ They are read by the one training loop (`cnn/training/`) whatever the task:
   (transfer, applied when a run starts fresh); batch_size, num_train_steps,
   seed; eval / checkpoint / log cadence in steps, keep_checkpoints (the last
   N; the best by the task's held-out metric is kept too), tensorboard;
-  conv, the convolution's implementation ('auto': oneDNN's kernels on a CPU
-  where they are built, else XLA's; 'onednn'; 'xla': `cnn.ops.conv`).
+  the numerics of the step, recorded in config.json like every field (a
+  change on resume is said: the steps differ by float32 rounding): conv, the
+  convolution's implementation ('auto': oneDNN's kernels on a CPU where they
+  are built, else XLA's; 'onednn'; 'xla'); conv_weight_grad, XLA's weight
+  gradient ('auto': summed over batch chunks measured per shape on CPU;
+  'xla'; a chunk count); xla_cpu_conv, XLA:CPU's convolution kernels
+  ('auto', 'ynnpack', 'eigen'); xla_cpu_fusion, XLA:CPU's fusion pass in the
+  train step ('auto', 'on', 'off'). See `cnn.ops.conv` and
+  `cnn.training.step`; 'auto' is what measured fastest.
 
 And the one rule every config names its data folder by (`data_dir`).
 """
@@ -116,4 +123,7 @@ def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
   c.keep_checkpoints = keep_checkpoints
   c.tensorboard = True
   c.conv = 'auto'
+  c.conv_weight_grad = 'auto'
+  c.xla_cpu_conv = 'auto'
+  c.xla_cpu_fusion = 'auto'
   return c

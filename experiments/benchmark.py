@@ -16,13 +16,13 @@ pipeline's own rate (`TrainBatches` + host->device copy on the real
 needs `pip install '.[torch]'`) in the same run, interleaved step by step with
 JAX, and prints the ratio JAX/PyTorch. `--compare=dtype` puts float32 and
 bfloat16 side by side; `--compare=fusion` the train step compiled without
-XLA:CPU's fusion pass (`CNN_XLA_CPU_FUSION=0`) against with it (`=1`),
-both with the convolution engine in effect (CPU only; the library's
-default, auto, keeps the pass only with the chunked weight gradient on
-YNNPACK's convolutions); `--compare=conv` XLA's own convolution weight
+XLA:CPU's fusion pass (`--config.xla_cpu_fusion=off`) against with it
+(`on`), both with the convolution engine in effect (CPU only; the library's
+default, auto, keeps the pass with oneDNN's convolutions and with the
+chunked weight gradient on YNNPACK's); `--compare=conv` XLA's own convolution weight
 gradient against the library's, summed over batch chunks chosen per shape
 by measurement (`cnn.ops.conv`); `--compare=engine` XLA:CPU's convolution
-kernels, YNNPACK (XLA's default) against Eigen (`CNN_XLA_CPU_CONV=eigen`),
+kernels, YNNPACK (XLA's default) against Eigen (`--config.xla_cpu_conv=eigen`),
 train and eval steps alike; `--compare=onednn` XLA's convolution (the
 library's, as above) against oneDNN's (`cnn.ops.onednn`, `config.conv`).
 Variants are timed round-robin, one step each
@@ -117,22 +117,30 @@ def _pipeline_data(config, image_shape, num_classes):
 
 def benchmark(config):
   """Builds, times and prints; returns the table rows (for callers)."""
-  import statistics  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   task = tasks.get(config)
   if task.name != 'classification':
     raise ConfigError(f"the benchmark times classifiers; task='{task.name}' "
                       'is not one: use a configs/cifar10.py model')
   loop.validate_config(config, task)
+  # The config's numerics (conv, conv_weight_grad, xla_cpu_conv,
+  # xla_cpu_fusion), under the variants' own choices.
+  with loop.numerics(config):
+    return _benchmark(config)
+
+
+def _benchmark(config):
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
+  from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
+  from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   bs = config.batch_size if _BATCH.value is None else _BATCH.value
   ebs = (config.eval_batch_size if _EVAL_BATCH.value is None

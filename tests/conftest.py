@@ -4,23 +4,6 @@ import pathlib
 
 import pytest
 
-# The CPU train step drops XLA's fusion pass where that measured faster
-# (`CNN_XLA_CPU_FUSION=auto`, see cnn/training/step.py), at slower compiles.
-# The suite compiles many tiny nets and runs few steps, so it keeps XLA's
-# defaults everywhere;
-# tests/training/test_loop.py::test_cpu_compiler_options_keep_the_math checks
-# the pass-off step against them explicitly.
-os.environ.setdefault('CNN_XLA_CPU_FUSION', '1')
-# Likewise the convolution weight gradient: on CPU the library measures, per
-# shape, a batch split that makes it faster (cnn/ops/conv.py), at the price
-# of a measurement per new shape and one convolution per chunk to compile.
-# The suite keeps XLA's own; tests/ops/test_conv.py checks the library's
-# default against it.
-os.environ.setdefault('CNN_CONV_WEIGHT_GRAD', 'xla')
-# And XLA's YNNPACK convolutions, which the library swaps for Eigen's on CPUs
-# without AVX-512 (cnn/ops/conv.py); tests/ops/test_conv.py compares the two.
-os.environ.setdefault('CNN_XLA_CPU_CONV', 'ynnpack')
-
 # pytest -n 2 runs two workers on the machine's cores: each gets its share
 # for oneDNN's OpenMP threads (two teams of 2 threads on 2 cores spin at
 # each other's barriers), as sweep workers do (cnn.tools.sweeps.worker_env).
@@ -86,6 +69,31 @@ def cifar10_on_mock_data(monkeypatch):
                       lambda prepared, tfds_name: (tfds_name, None))
 
 
+# The suite's numerics, the config fields of configs/common.py at the
+# settings that compile fastest for many tiny nets run a few steps each:
+# XLA's own weight gradient (the library's default, 'auto', measures a batch
+# split per new shape), XLA:CPU's default convolution kernels and fusion
+# pass. `small_config` carries them, and library code called outside a run
+# uses them too (`small_numerics`); runs from configs/ presets, and the
+# experiment scripts the suite starts, use the library's defaults. The
+# defaults are checked against these in tests/ops/test_conv.py and
+# tests/training/test_loop.py.
+SMALL_NUMERICS = dict(conv_weight_grad='xla', xla_cpu_conv='ynnpack',
+                      xla_cpu_fusion='on')
+
+
+@pytest.fixture(autouse=True, scope='session')
+def small_numerics():
+  """SMALL_NUMERICS for library code called outside a run (a run enters
+  its own config's)."""
+  from cnn.ops import conv  # pylint: disable=g-import-not-at-top
+  from cnn.training import step  # pylint: disable=g-import-not-at-top
+  with conv.policy(SMALL_NUMERICS['conv_weight_grad']), \
+      conv.engine(SMALL_NUMERICS['xla_cpu_conv']), \
+      step.fusion(SMALL_NUMERICS['xla_cpu_fusion']):
+    yield
+
+
 def small_config(model='cifar_resnet8', steps=4, **overrides):
   """The CIFAR recipe shrunk to a few steps of a tiny net, on TFDS's
   `cifar10` (for `tfds.testing.mock_data`; see `cifar10_on_mock_data`)."""
@@ -99,7 +107,7 @@ def small_config(model='cifar_resnet8', steps=4, **overrides):
   c.checkpoint_every_steps = 2
   c.log_every_steps = 1
   c.tensorboard = True
-  for k, v in overrides.items():
+  for k, v in {**SMALL_NUMERICS, **overrides}.items():
     setattr(c, k, v)
   return c
 

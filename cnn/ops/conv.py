@@ -22,14 +22,14 @@ it is measured, not assumed:
 * `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (the
   models pass it to `nn.Conv`). Its forward pass and input gradient are
   XLA's; its weight gradient is XLA's, summed over `m` batch chunks.
-* `m` comes from the policy (`CNN_CONV_WEIGHT_GRAD`, or `policy(...)`):
-  `auto` (the default on CPU) looks the shape up in the plan file
-  (`~/.cache/cnn/conv_plan.json`, or `$CNN_CONV_PLAN`), measuring the
-  candidates once per shape and machine when it is not there; `xla` (the
-  default on GPU and TPU, where cuDNN/XLA's kernels are not the problem)
-  keeps XLA's own weight gradient everywhere; an integer fixes m.
-* XLA:CPU's convolution kernels are chosen too (`CNN_XLA_CPU_CONV`, or
-  `engine(...)`): `eigen` compiles the train and eval steps with convolutions
+* `m` comes from the policy (`config.conv_weight_grad`, entered with
+  `policy(...)`): `auto` (the default) on CPU looks the shape up in the plan
+  file (`~/.cache/cnn/conv_plan.json`, or `$CNN_CONV_PLAN`), measuring the
+  candidates once per shape and machine when it is not there, and on GPU and
+  TPU (where cuDNN/XLA's kernels are not the problem) is `xla`: XLA's own
+  weight gradient everywhere; an integer fixes m.
+* XLA:CPU's convolution kernels are chosen too (`config.xla_cpu_conv`,
+  entered with `engine(...)`): `eigen` compiles the train and eval steps with convolutions
   on XLA's Eigen kernels instead of YNNPACK (`ynnpack`, XLA's default);
   `auto`, the default, takes Eigen on CPUs without AVX-512, where it was
   measured faster (see ENGINES). `engine_compiler_options()` are the XLA
@@ -69,8 +69,6 @@ from cnn import hardware
 from cnn.errors import ConfigError
 from cnn.ops import onednn
 
-ENV_POLICY = 'CNN_CONV_WEIGHT_GRAD'
-ENV_ENGINE = 'CNN_XLA_CPU_CONV'
 ENV_PLAN = 'CNN_CONV_PLAN'
 DEFAULT_PLAN = os.path.join('~', '.cache', 'cnn', 'conv_plan.json')
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -167,18 +165,20 @@ def _parse_policy(value) -> str | int:
   if text.isdigit() and int(text) >= 1:
     return int(text)
   raise ConfigError(
-      f"{ENV_POLICY}={value!r} is not a weight-gradient policy: use 'auto' "
-      "(measure per shape), 'xla' (XLA's own) or a chunk count >= 1")
+      f"conv_weight_grad={value!r} is not a weight-gradient policy: use "
+      "'auto' (measure per shape), 'xla' (XLA's own) or a chunk count >= 1, "
+      'e.g. --config.conv_weight_grad=auto')
 
 
 def current_policy() -> str | int:
-  """'auto', 'xla' or a fixed chunk count (see the module docstring)."""
-  if _policy_override:
-    return _policy_override[-1]
-  value = os.environ.get(ENV_POLICY)
-  if value:
-    return _parse_policy(value)
-  return 'auto' if jax.default_backend() == 'cpu' else 'xla'
+  """'auto' (on CPU: measure per shape), 'xla' or a fixed chunk count:
+  the policy entered last (`policy(...)`; a run enters
+  `config.conv_weight_grad`), 'auto' outside any; 'auto' is 'xla' off CPU
+  (see the module docstring)."""
+  value = _policy_override[-1] if _policy_override else 'auto'
+  if value == 'auto' and jax.default_backend() != 'cpu':
+    return 'xla'
+  return value
 
 
 def _parse_engine(value) -> str:
@@ -187,17 +187,19 @@ def _parse_engine(value) -> str:
     return 'ynnpack' if _cpu_has_avx512() else 'eigen'
   if text not in ENGINES:
     raise ConfigError(
-        f'{ENV_ENGINE}={value!r} is not an XLA:CPU convolution engine: use '
-        f"'auto', {' or '.join(repr(e) for e in ENGINES)}")
+        f'xla_cpu_conv={value!r} is not an XLA:CPU convolution engine: use '
+        f"'auto', {' or '.join(repr(e) for e in ENGINES)}, e.g. "
+        '--config.xla_cpu_conv=auto')
   return text
 
 
 def current_engine() -> str:
   """'ynnpack' (XLA's default) or 'eigen': XLA:CPU's convolution kernels
-  (`CNN_XLA_CPU_CONV`, or `engine(...)`; 'auto' resolves as above)."""
+  (the engine entered last, `engine(...)`; a run enters
+  `config.xla_cpu_conv`; 'auto' outside any, resolved as above)."""
   if _engine_override:
     return _engine_override[-1]
-  return _parse_engine(os.environ.get(ENV_ENGINE) or 'auto')
+  return _parse_engine('auto')
 
 
 @contextlib.contextmanager
@@ -228,6 +230,16 @@ def policy(value):
     yield
   finally:
     _policy_override.pop()
+
+
+@contextlib.contextmanager
+def settings(conv='auto', weight_grad='auto', xla_cpu_conv='auto'):
+  """Within the block, convolutions are built and traced as a run's config
+  says: `conv` (implementation), `conv_weight_grad` (policy) and
+  `xla_cpu_conv` (engine); a ConfigError (one line) on entry for a value
+  that is not one, or cannot run here."""
+  with implementation(conv), policy(weight_grad), engine(xla_cpu_conv):
+    yield
 
 
 # --- The plan: chunk counts measured per shape and machine -------------------
@@ -376,8 +388,8 @@ def chunks_for(lhs_shape, rhs_shape, strides, padding, dn, dtype,
     return 1
   if isinstance(pol, int):
     if n % pol:
-      raise ConfigError(f'{ENV_POLICY}={pol} does not divide the batch of '
-                       f'{n}: use a divisor of the batch, or auto')
+      raise ConfigError(f'conv_weight_grad={pol} does not divide the batch '
+                        f'of {n}: use a divisor of the batch, or auto')
     return pol
   if weight_grad_macs(lhs_shape, rhs_shape, dn, out_shape) < MIN_TUNE_MACS:
     return 1

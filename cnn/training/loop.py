@@ -40,9 +40,12 @@ from cnn.training import state as state_lib
 from cnn.training import step as step_lib
 from cnn.training import transfer
 
-REQUIRED_FIELDS = ('task', 'batch_size', 'num_train_steps', 'seed',
-                   'learning_rate', 'lr_schedule', 'weight_decay', 'momentum',
-                   'eval_every_steps', 'checkpoint_every_steps')
+# The step's numerics (configs/common.py).
+NUMERICS = ('conv', 'conv_weight_grad', 'xla_cpu_conv', 'xla_cpu_fusion')
+REQUIRED_FIELDS = NUMERICS + (
+    'task', 'batch_size', 'num_train_steps', 'seed', 'learning_rate',
+    'lr_schedule', 'weight_decay', 'momentum', 'eval_every_steps',
+    'checkpoint_every_steps')
 
 
 def validate_config(config, task) -> None:
@@ -63,15 +66,22 @@ def validate_config(config, task) -> None:
                       'e.g. --config.seed=0')
   optim.validate(config)
   task.validate()
-  # The convolution's implementation (config.conv, entered while a run's
-  # steps are built and traced); $CNN_CONV_WEIGHT_GRAD, $CNN_XLA_CPU_CONV and
-  # $CNN_XLA_CPU_FUSION are read while a step is built; a bad value, or
-  # conv='onednn' where it cannot run, is refused here, before anything runs.
-  with conv_ops.implementation(config.get('conv', 'auto')):
+  # The step's numerics (config.conv, conv_weight_grad, xla_cpu_conv,
+  # xla_cpu_fusion; entered while a run's steps are built and traced): a bad
+  # value, or conv='onednn' where it cannot run, is refused here, before
+  # anything runs.
+  with numerics(config):
     pass
-  conv_ops.current_policy()
-  conv_ops.current_engine()
-  step_lib.current_fusion()
+
+
+@contextlib.contextmanager
+def numerics(config):
+  """The context a run's steps are built and traced in: its config's
+  convolution and fusion settings (configs/common.py)."""
+  with conv_ops.settings(config.conv, config.conv_weight_grad,
+                         config.xla_cpu_conv), \
+      step_lib.fusion(config.xla_cpu_fusion):
+    yield
 
 
 def log_interval(config) -> int:
@@ -147,9 +157,8 @@ class Run:
     self.frozen = masks
 
   def numerics(self):
-    """The context the run's steps are built and traced in: its
-    convolution (`config.conv`)."""
-    return conv_ops.implementation(self.config.get('conv', 'auto'))
+    """The context the run's steps are built and traced in (`numerics`)."""
+    return numerics(self.config)
 
   def train_step(self, state, batch):
     with self.numerics():
@@ -526,6 +535,10 @@ def load_config(workdir: str):
     raise ConfigError(f'{os.path.join(workdir, "config.json")} not found: '
                       '--workdir must be a training run folder')
   config = config_dict.ConfigDict(saved)
+  for field in NUMERICS:
+    # Runs written before these fields existed (see run_folder.resume_check).
+    if field not in config:
+      config[field] = 'auto'
   if 'task' not in config:
     # Runs written before config.task existed.
     config.task = ('detection' if 'kind' in config else

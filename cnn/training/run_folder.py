@@ -40,9 +40,9 @@ CADENCE = ('eval_every_steps', 'log_every_steps', 'checkpoint_every_steps',
 # Read only when a run starts: a resumed run continues from its own
 # checkpoint (the record keeps the values it started with).
 FRESH_ONLY = ('init_from', 'new_head')
-# The convolution's implementation: the steps that follow differ from the
-# other's by float32 rounding, so a change is allowed and said.
-ROUNDING = ('conv',)
+# The step's numerics (configs/common.py): the steps that follow differ from
+# the other's by float32 rounding, so a change is allowed and said.
+ROUNDING = ('conv', 'conv_weight_grad', 'xla_cpu_conv', 'xla_cpu_fusion')
 
 
 class WorkdirInUse(UserError):
@@ -93,9 +93,12 @@ def resume_check(saved: dict, config, start: int) -> list[str]:
   # Runs written before config.task existed.
   old.setdefault('task', new.get('task'))
   # A field that a later version added, at its neutral value (0, '', (),
-  # False: off), is how the run was trained.
+  # False: off), is how the run was trained; so is a numerics field at
+  # 'auto' (runs before these fields read the choice from environment
+  # variables, 'auto' when unset).
   for k, v in new.items():
-    if k not in old and v in (0, '', [], False, None):
+    if k not in old and (v in (0, '', [], False, None)
+                         or (k in ROUNDING and v == 'auto')):
       old[k] = v
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   bad, notes = [], []

@@ -12,7 +12,7 @@ computation.
 """
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Callable
 
 import jax
@@ -26,50 +26,57 @@ from cnn.training.state import TrainState
 # XLA:CPU's instruction fusion duplicates the elementwise residual stream
 # (BatchNorm -> add -> ReLU, block after block) into the transposes that feed
 # every weight-gradient convolution, so each transpose recomputes several
-# layers and the cost grows with depth; with XLA's own weight gradient these
-# `transpose_copy_fusion`s took more time than all the convolutions of
-# cifar_resnet20, and the step without the pass was 1.15-1.97x faster on
-# AVX-512 CPUs. With the chunked weight gradient of `cnn.ops.conv` the
-# balance turned: on YNNPACK's convolutions (XLA's default) the fused step was
-# faster in 5 of 6 side-by-side measurements (cifar_resnet20 1.12-1.20x,
-# cifar_resnet56 0.97-1.08x, an AVX2 EPYC and an AVX-512 Xeon), while on
-# Eigen's (`CNN_XLA_CPU_CONV=eigen`, the default without AVX-512) it cost
-# resnet56 20 % on one EPYC (results/speed/). With oneDNN's convolutions
-# (FFI custom calls, no transposes for XLA to fuse into) the pass made
-# cifar_resnet20's step 1.18x faster on an AVX2 EPYC (results/speed/). So
-# `auto`, the default, keeps the pass exactly where it measured faster:
-# oneDNN's convolutions, or the chunked weight gradient (one device, policy
-# not 'xla') on YNNPACK's. CNN_XLA_CPU_FUSION=1
-# keeps XLA's fusion, 0 turns it off; the arithmetic is the same either way.
+# layers and the cost grows with depth. Whether the pass pays depends on the
+# convolution (measurements: results/speed/README.md): it is kept with
+# oneDNN's convolutions (FFI custom calls, no transposes to fuse into) and
+# with the chunked weight gradient on YNNPACK's, and dropped otherwise. That
+# is `auto`, the default of `config.xla_cpu_fusion`; `on` keeps XLA's pass,
+# `off` drops it; the arithmetic is the same either way.
 CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
-ENV_FUSION = 'CNN_XLA_CPU_FUSION'
+FUSION_SETTINGS = ('auto', 'on', 'off')
+
+_fusion_override: list = []
+
+
+def _parse_fusion(value) -> str:
+  text = str(value).strip().lower()
+  if text not in FUSION_SETTINGS:
+    raise ConfigError(
+        f"xla_cpu_fusion={value!r} is not a fusion setting: use 'on' (XLA's "
+        "fusion pass), 'off' (none) or 'auto' (the default: the pass where "
+        'it measured faster), e.g. --config.xla_cpu_fusion=auto')
+  return text
+
+
+@contextlib.contextmanager
+def fusion(value):
+  """Within the block, train steps are built with this fusion setting
+  ('auto', 'on' or 'off'; a run enters `config.xla_cpu_fusion`); a
+  ConfigError (one line) on entry for another value."""
+  _fusion_override.append(_parse_fusion(value))
+  try:
+    yield
+  finally:
+    _fusion_override.pop()
 
 
 def current_fusion() -> bool:
-  """Whether the CPU train step keeps XLA's fusion pass (`ENV_FUSION`: 1,
-  0, or auto, the default: on with oneDNN's convolutions or with the
-  chunked weight gradient on YNNPACK's, off otherwise).
-
-  Raises:
-    ConfigError: the variable holds something else than 0, 1 or auto.
-  """
-  value = os.environ.get(ENV_FUSION, '').strip().lower() or 'auto'
-  if value not in ('0', '1', 'auto'):
-    raise ConfigError(
-        f"{ENV_FUSION}={value!r} is not a fusion setting: use 1 (XLA's "
-        'fusion pass), 0 (none) or auto (the default: the pass with the '
-        "chunked weight gradient on YNNPACK's convolutions)")
+  """Whether the CPU train step keeps XLA's fusion pass: the setting
+  entered last (`fusion(...)`), 'auto' outside any: on with oneDNN's
+  convolutions or with the chunked weight gradient on YNNPACK's, off
+  otherwise."""
+  value = _fusion_override[-1] if _fusion_override else 'auto'
   if value == 'auto':
     if conv_ops.current_implementation() == 'onednn':
       return True
     return conv_ops.current_engine() == 'ynnpack' and conv_ops.may_chunk()
-  return value == '1'
+  return value == 'on'
 
 
 def default_compiler_options() -> dict | None:
   """XLA options of the train step on this backend (None: XLA's defaults):
   on CPU the fusion setting above and the convolution engine
-  (`cnn.ops.conv.engine_compiler_options`, `CNN_XLA_CPU_CONV`)."""
+  (`cnn.ops.conv.engine_compiler_options`)."""
   if jax.default_backend() != 'cpu':
     return None
   options = dict(conv_ops.engine_compiler_options() or {})

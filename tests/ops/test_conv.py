@@ -83,18 +83,18 @@ def test_xla_policy_is_lax_itself():
   assert 'custom_vjp' in text
 
 
-def test_policy_errors_are_one_line(monkeypatch):
-  monkeypatch.setenv(conv.ENV_POLICY, 'fastest')
+def test_policy_errors_are_one_line():
   with pytest.raises(ConfigError, match="'auto'.*'xla'.*chunk count"):
-    conv.current_policy()
-  monkeypatch.setenv(conv.ENV_POLICY, '3')
+    with conv.policy('fastest'):
+      pass
   x = jnp.ones((8, 6, 6, 3))
   w = jnp.ones((3, 3, 3, 4))
-  with pytest.raises(ConfigError, match='does not divide the batch of 8'):
+  with conv.policy('3'), pytest.raises(ConfigError,
+                                       match='does not divide the batch of 8'):
     jax.grad(lambda b: conv.conv_general_dilated(
         x, b, (1, 1), 'SAME', dimension_numbers=NHWC).sum())(w)
-  monkeypatch.setenv(conv.ENV_POLICY, 'xla')
-  assert conv.current_policy() == 'xla'
+  with conv.policy('xla'):
+    assert conv.current_policy() == 'xla'
 
 
 def test_choose_takes_the_fewest_chunks_within_tolerance():
@@ -169,19 +169,18 @@ def test_train_steps_with_chunks_keep_the_math():
   assert_same_training(*results)
 
 
-def test_bad_policy_is_refused_before_the_run(tmp_path, monkeypatch):
+def test_bad_policy_is_refused_before_the_run():
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(conv.ENV_POLICY, 'fastest')
-  c = small_config()
-  with pytest.raises(ConfigError, match=f'^{conv.ENV_POLICY}=.fastest. is '
+  c = small_config(conv_weight_grad='fastest')
+  with pytest.raises(ConfigError, match='^conv_weight_grad=.fastest. is '
                      'not a weight-gradient policy'):
     loop.validate_config(c, tasks.get(c))
 
 
 def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
-  """CNN_XLA_CPU_CONV=eigen: the convolutions of the compiled step leave
+  """xla_cpu_conv='eigen': the convolutions of the compiled step leave
   YNNPACK (XLA:CPU's default), the results stay XLA's to rounding, and the
   chunk plan is kept apart from the default engine's."""
   # YNNPACK takes 32 channels or more (the 16 of a CIFAR ResNet's first
@@ -207,27 +206,28 @@ def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
   assert_same_training(*results)
 
 
-def test_bad_engine_is_one_line(monkeypatch):
+def test_bad_engine_is_one_line():
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(conv.ENV_ENGINE, 'onednn')
-  c = small_config()
-  with pytest.raises(ConfigError, match=f"^{conv.ENV_ENGINE}='onednn' is not "
+  c = small_config(xla_cpu_conv='onednn')
+  with pytest.raises(ConfigError, match="^xla_cpu_conv='onednn' is not "
                      "an XLA:CPU convolution engine: use 'auto', "
-                     "'ynnpack' or 'eigen'$"):
+                     "'ynnpack' or 'eigen', e.g. --config.xla_cpu_conv=auto$"):
     loop.validate_config(c, tasks.get(c))
 
 
 def test_auto_engine_is_eigen_only_without_avx512(monkeypatch):
-  monkeypatch.setenv(conv.ENV_ENGINE, 'auto')
-  monkeypatch.setattr(conv, '_cpuinfo', lambda: {'flags': 'fma avx avx2'})
-  assert conv.current_engine() == 'eigen'
-  monkeypatch.setattr(conv, '_cpuinfo',
-                      lambda: {'flags': 'avx2 avx512f avx512bw'})
-  assert conv.current_engine() == 'ynnpack'
-  monkeypatch.setattr(conv, '_cpuinfo', dict)  # no /proc/cpuinfo
-  assert conv.current_engine() == 'ynnpack'
-  monkeypatch.delenv(conv.ENV_ENGINE)
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  for flags, engine in (('fma avx avx2', 'eigen'),
+                        ('avx2 avx512f avx512bw', 'ynnpack'),
+                        (None, 'ynnpack')):  # no /proc/cpuinfo
+    monkeypatch.setattr(conv, '_cpuinfo',
+                        lambda f=flags: {} if f is None else {'flags': f})
+    with conv.engine('auto'):
+      assert conv.current_engine() == engine, flags
+  # auto is the configs' default, and the engine outside any run's.
+  assert cifar10.get_config('cifar_resnet20').xla_cpu_conv == 'auto'
+  monkeypatch.setattr(conv, '_engine_override', [])
   monkeypatch.setattr(conv, '_cpuinfo', lambda: {'flags': 'avx2'})
-  assert conv.current_engine() == 'eigen'  # auto is the default
+  assert conv.current_engine() == 'eigen'

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from cnn import models
 from cnn import tasks
+from configs import cifar10
 from cnn.training import loop
 from cnn.training import optim
 from cnn.training import step as step_lib
@@ -83,16 +84,16 @@ def test_cpu_compiler_options_keep_the_math():
                          for options in (step_lib.CPU_COMPILER_OPTIONS, None)])
 
 
-def test_cpu_fusion_setting_is_0_1_or_auto(monkeypatch):
-  """CNN_XLA_CPU_FUSION=1 keeps XLA's fusion pass, 0 turns it off (before,
-  any non-empty value, 0 included, kept it); auto or unset keeps it only
-  with oneDNN's convolutions or the chunked weight gradient on YNNPACK's;
-  anything else is one line before a run."""
+def test_cpu_fusion_setting_is_on_off_or_auto(monkeypatch):
+  """config.xla_cpu_fusion: 'on' keeps XLA's fusion pass, 'off' turns it
+  off; 'auto' (the configs' default) keeps it only with oneDNN's
+  convolutions or the chunked weight gradient on YNNPACK's; anything else
+  is one line before a run."""
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   from cnn.ops import onednn  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(step_lib.ENV_FUSION, 'auto')
+  assert cifar10.get_config('cifar_resnet20').xla_cpu_fusion == 'auto'
   if onednn.status()[0]:
-    with conv_ops.implementation('onednn'):
+    with conv_ops.implementation('onednn'), step_lib.fusion('auto'):
       assert step_lib.current_fusion()
   with conv_ops.implementation('xla'):
     _check_fusion_with_xlas_convolution(monkeypatch)
@@ -100,38 +101,33 @@ def test_cpu_fusion_setting_is_0_1_or_auto(monkeypatch):
 
 def _check_fusion_with_xlas_convolution(monkeypatch):
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv(conv_ops.ENV_ENGINE, 'eigen')
-  monkeypatch.setenv(conv_ops.ENV_POLICY, 'auto')
-  engine = conv_ops.engine_compiler_options()
-  for value, fused in (('1', True), ('0', False), ('', False),
-                       ('auto', False)):
-    monkeypatch.setenv(step_lib.ENV_FUSION, value)
-    assert step_lib.current_fusion() == fused
-    assert step_lib.default_compiler_options() == (
-        engine if fused else {**engine, **step_lib.CPU_COMPILER_OPTIONS})
-  monkeypatch.delenv(step_lib.ENV_FUSION)
-  assert not step_lib.current_fusion()
+  with conv_ops.engine('eigen'), conv_ops.policy('auto'):
+    engine = conv_ops.engine_compiler_options()
+    for value, fused in (('on', True), ('off', False), ('auto', False)):
+      with step_lib.fusion(value):
+        assert step_lib.current_fusion() == fused
+        assert step_lib.default_compiler_options() == (
+            engine if fused else {**engine, **step_lib.CPU_COMPILER_OPTIONS})
   # auto: on only where it measured faster.
   for engine_name, pol, fused in (('ynnpack', 'auto', True),
                                   ('ynnpack', '8', True),
                                   ('ynnpack', 'xla', False),
                                   ('eigen', '8', False)):
-    monkeypatch.setenv(conv_ops.ENV_ENGINE, engine_name)
-    monkeypatch.setenv(conv_ops.ENV_POLICY, pol)
-    assert step_lib.current_fusion() == fused, (engine_name, pol)
-    want = dict(conv_ops.engine_compiler_options() or {})
-    if not fused:
-      want.update(step_lib.CPU_COMPILER_OPTIONS)
-    assert step_lib.default_compiler_options() == (want or None)
+    with conv_ops.engine(engine_name), conv_ops.policy(pol), \
+        step_lib.fusion('auto'):
+      assert step_lib.current_fusion() == fused, (engine_name, pol)
+      want = dict(conv_ops.engine_compiler_options() or {})
+      if not fused:
+        want.update(step_lib.CPU_COMPILER_OPTIONS)
+      assert step_lib.default_compiler_options() == (want or None)
   # A step over several devices keeps XLA's weight gradient, so no fusion.
-  monkeypatch.setenv(conv_ops.ENV_ENGINE, 'ynnpack')
-  monkeypatch.setenv(conv_ops.ENV_POLICY, 'auto')
   monkeypatch.setattr(jax, 'device_count', lambda: 2)
-  assert not conv_ops.may_chunk() and not step_lib.current_fusion()
-  monkeypatch.setenv(step_lib.ENV_FUSION, 'yes')
-  c = small_config()
-  with pytest.raises(ConfigError, match="^CNN_XLA_CPU_FUSION='yes' is not a "
-                     "fusion setting: use 1"):
+  with conv_ops.engine('ynnpack'), conv_ops.policy('auto'), \
+      step_lib.fusion('auto'):
+    assert not conv_ops.may_chunk() and not step_lib.current_fusion()
+  c = small_config(xla_cpu_fusion='yes')
+  with pytest.raises(ConfigError, match="^xla_cpu_fusion='yes' is not a "
+                     "fusion setting: use 'on'"):
     loop.validate_config(c, tasks.get(c))
 
 

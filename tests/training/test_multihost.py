@@ -100,11 +100,9 @@ def test_a_sweep_member_runs_on_two_hosts_with_the_readme_launch(tmp_path):
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  # The library's own defaults, not the suite's (conftest pins these, and
-  # the default weight-gradient policy is what asked for the backend).
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('CNN_CONV_WEIGHT_GRAD', 'CNN_XLA_CPU_FUSION',
-                      'CNN_XLA_CPU_CONV')}
+  # The preset's numerics are the library's defaults (the default
+  # weight-gradient policy is what asked for the backend).
+  env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
              JAX_NUM_PROCESSES='2')

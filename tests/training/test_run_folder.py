@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from cnn.data import input_pipeline
 from cnn.errors import ConfigError, UserError
 from cnn.training import loop, metric_writers, run_folder
-from tests.conftest import ROOT, metric_rows, small_config
+from tests.conftest import ROOT, SMALL_NUMERICS, metric_rows, small_config
 
 
 def train(config, workdir, num_examples=24):
@@ -246,6 +246,32 @@ def test_a_field_added_later_at_its_neutral_value_is_no_change(two_steps,
     train(small_config('lenet5', steps=6, label_smoothing=0.1), wd)
 
 
+def test_the_numerics_are_recorded_and_a_change_on_resume_is_said(
+    two_steps, tmp_path, capsys):
+  """Issue 34: the step's numerics (once environment variables, which
+  config.json did not record and a resume could not see change) are config
+  fields: in config.json, a change on resume said; a run recorded before
+  the fields resumes at their default, 'auto', without a word."""
+  wd = copy(two_steps, tmp_path / 'run')
+  saved = json.loads((wd / 'config.json').read_text())
+  assert {k: saved[k] for k in loop.NUMERICS} == {'conv': 'auto',
+                                                  **SMALL_NUMERICS}
+  capsys.readouterr()
+  train(small_config('lenet5', steps=4, xla_cpu_fusion='off'), wd)
+  out = capsys.readouterr().out
+  assert ("resuming with xla_cpu_fusion 'on' -> 'off' (the steps from here "
+          'differ by float32 rounding') in out
+  old = copy(two_steps, tmp_path / 'old_run')
+  for field in loop.NUMERICS:
+    del saved[field]
+  (old / 'config.json').write_text(json.dumps(saved))  # an older version's
+  auto = {k: 'auto' for k in loop.NUMERICS}
+  train(small_config('lenet5', steps=4, **auto), old)
+  out = capsys.readouterr().out
+  assert 'resuming from step 2' in out
+  assert not any(f'resuming with {f} ' in out for f in loop.NUMERICS), out
+
+
 def test_a_resumed_run_keeps_its_conv_chunks_whatever_the_machine_plan(
     tmp_path, monkeypatch):
   """Issue 36, silent 1: a run stopped, the machine-wide chunk plan then
@@ -255,16 +281,15 @@ def test_a_resumed_run_keeps_its_conv_chunks_whatever_the_machine_plan(
   from cnn.ops import conv  # pylint: disable=g-import-not-at-top
   plan = tmp_path / 'conv_plan.json'
   monkeypatch.setenv(conv.ENV_PLAN, str(plan))
-  monkeypatch.setenv(conv.ENV_POLICY, 'auto')
   # The measurement, without timing anything: one chunk wins.
   monkeypatch.setattr(conv, 'measure_chunks',
                       lambda *a, **k: {1: 1.0, 8: 2.0})
   straight, parts, fresh = (tmp_path / n for n in ('straight', 'parts',
                                                     'fresh'))
-  train(small_config(steps=4, conv='xla'), straight)
+  train(small_config(steps=4, conv='xla', conv_weight_grad='auto'), straight)
   measured = json.loads(plan.read_text())[conv.machine_key()]
   assert measured and {e['chunks'] for e in measured.values()} == {1}
-  train(small_config(steps=2, conv='xla'), parts)
+  train(small_config(steps=2, conv='xla', conv_weight_grad='auto'), parts)
   record = json.loads((parts / 'numerics.json').read_text())
   assert record == {'conv_weight_grad_chunks': {k: 1 for k in measured}}
   # Another worker measures the same shapes and writes 8 chunks.
@@ -272,12 +297,12 @@ def test_a_resumed_run_keeps_its_conv_chunks_whatever_the_machine_plan(
   for entry in rewritten[conv.machine_key()].values():
     entry['chunks'] = 8
   plan.write_text(json.dumps(rewritten))
-  train(small_config(steps=4, conv='xla'), parts)
+  train(small_config(steps=4, conv='xla', conv_weight_grad='auto'), parts)
   assert metric_rows(parts) == metric_rows(straight)
   assert _same_params(parts, straight, 4)
   assert json.loads((parts / 'numerics.json').read_text()) == record
   # The rewritten plan does change the numbers: a fresh run takes it.
-  train(small_config(steps=2, conv='xla'), fresh)
+  train(small_config(steps=2, conv='xla', conv_weight_grad='auto'), fresh)
   assert json.loads((fresh / 'numerics.json').read_text()) == {
       'conv_weight_grad_chunks': {k: 8 for k in measured}}
   assert not _same_params(fresh, straight, 2)

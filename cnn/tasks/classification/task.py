@@ -172,8 +172,7 @@ def make_eval_step(model, mean, dtype=jnp.float32, image_size: int = 0):
     return out
   # No weight gradients, hence none of the transposes that make the train
   # step skip XLA's fusion: evaluation keeps XLA's defaults.
-  # The convolution engine of the train step (XLA's default unless
-  # CNN_XLA_CPU_CONV says otherwise).
+  # The convolution engine of the train step (config.xla_cpu_conv).
   return jax.jit(eval_step,
                  compiler_options=conv_ops.engine_compiler_options())
 
