@@ -202,3 +202,22 @@ def test_orbax_s_disk_full_tracebacks_are_dropped_for_the_loop_s_line():
   assert quiet.filter(record('Save Finalize thread failed.',
                              ValueError('permission denied')))
   assert quiet.filter(record('some other orbax error'))
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.97])
+def test_a_truncated_proposal_cache_is_recomputed(tmp_path, keep):
+  """A cut .npz (a kill mid-copy, a full disk) is a damaged zip: np.load
+  raised zipfile.BadZipFile through the detection run's start."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.tasks.detection import proposals  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3),
+                                             dtype=np.uint8)
+  cache = tmp_path / 'random.npz'
+  boxes, counts = proposals.compute(images, 'random', 20, cache=str(cache))
+  whole = cache.read_bytes()
+  cache.write_bytes(whole[:int(len(whole) * keep)])
+  again, again_counts = proposals.compute(images, 'random', 20,
+                                          cache=str(cache))
+  np.testing.assert_array_equal(again, boxes)
+  np.testing.assert_array_equal(again_counts, counts)
+  assert cache.read_bytes() == whole  # rewritten whole

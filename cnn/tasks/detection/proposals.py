@@ -19,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import zipfile
 from typing import Sequence
 
 import numpy as np
@@ -234,8 +235,8 @@ def _load_cache(path: str, key: str):
     with np.load(path, allow_pickle=False) as f:
       if str(f['key']) == key:
         return f['boxes'], f['counts']
-  except (OSError, KeyError, ValueError, EOFError):  # Missing or unreadable.
-    pass
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    pass  # Missing or unreadable (a truncated .npz is a damaged zip).
   return None
 
 
