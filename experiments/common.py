@@ -55,6 +55,29 @@ def run(fn, *args, cache_default: str = '', **kwargs):
     sys.exit(0)
 
 
+def whole_numbers(flag) -> list[int]:
+  """The values of a list flag (absl's DEFINE_list holds strings) as
+  integers; a UserError (one line) naming the value that is not one.
+
+  Args:
+    flag: the FlagHolder that DEFINE_list returned.
+  """
+  given = ','.join(flag.value or [])
+  example = f"--{flag.name}={','.join(flag.default or ['1', '2'])}"
+  out = []
+  for v in flag.value or []:
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise UserError(f"--{flag.name}={given}: '{v}' is not a whole number; "
+                      f'give whole numbers separated by commas, e.g. '
+                      f'{example}') from None
+  if not out:
+    raise UserError(f'--{flag.name} is empty; give whole numbers separated '
+                    f'by commas, e.g. {example}')
+  return out
+
+
 def parse_flags(argv):
   """absl's flag parsing, with a bad `--config=FILE:ARG` or
   `--config.FIELD=VALUE` as one line.

@@ -41,6 +41,7 @@ def _time(fn, repeats):
 
 
 def benchmark():
+  sizes = common.whole_numbers(_SIZES)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -59,7 +60,6 @@ def benchmark():
   except ValueError as e:
     raise ConfigError(str(e)) from None
   t = shape[0]
-  sizes = [int(s) for s in _SIZES.value]
   if min(sizes) < t:
     raise ConfigError(f'--sizes must be >= the training size {t}')
   variables = jax.jit(lambda r: model.init(

@@ -221,3 +221,11 @@ def test_a_truncated_proposal_cache_is_recomputed(tmp_path, keep):
   np.testing.assert_array_equal(again, boxes)
   np.testing.assert_array_equal(again_counts, counts)
   assert cache.read_bytes() == whole  # rewritten whole
+
+
+def test_a_size_that_is_not_a_number_is_one_line():
+  p = _script('experiments.overfeat_benchmark', '--sizes=231,abc')
+  assert p.returncode == 1, p.stderr
+  assert p.stderr.strip().splitlines() == [
+      "error: --sizes=231,abc: 'abc' is not a whole number; give whole "
+      'numbers separated by commas, e.g. --sizes=231,295,359']
