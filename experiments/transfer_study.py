@@ -180,7 +180,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
   size = int(src.get('image_size') or 0) or models.default_input_shape(
       src['model'])[0]
   steps = 4 if quick else _STEPS.value
-  sizes = tuple(int(n) for n in _SIZES.value)
+  sizes = tuple(common.whole_numbers(_SIZES))
   results = {}
   for n in sizes:
     for mode, (_, overrides) in MODES.items():
@@ -231,15 +231,23 @@ def _read(workdir):
   return metric_writers.read_metrics(workdir)
 
 
+def _study():
+  """The study's table; a --workdir that is a file or cannot be written,
+  or --sizes that are not numbers, are refused before anything trains."""
+  from cnn.training import run_folder  # pylint: disable=g-import-not-at-top
+  if not _SOURCE.value:
+    run_folder.prepare(_WORKDIR.value)
+    return study(_WORKDIR.value, _QUICK.value)
+  common.whole_numbers(_SIZES)  # before the folder is made
+  run_folder.prepare(_WORKDIR.value)
+  return source_study(_WORKDIR.value, _SOURCE.value, max(1, _SEEDS.value),
+                      _QUICK.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  if _SOURCE.value:
-    print(common.run(source_study, _WORKDIR.value, _SOURCE.value,
-                     max(1, _SEEDS.value), _QUICK.value), end='')
-  else:
-    print(common.run(study, _WORKDIR.value, _QUICK.value), end='')
+  print(common.run(_study), end='')
 
 
 if __name__ == '__main__':

@@ -229,3 +229,48 @@ def test_a_size_that_is_not_a_number_is_one_line():
   assert p.stderr.strip().splitlines() == [
       "error: --sizes=231,abc: 'abc' is not a whole number; give whole "
       'numbers separated by commas, e.g. --sizes=231,295,359']
+
+
+def _without_root_s_override() -> list[str]:
+  """A command prefix under which the file modes hold for this user: none
+  for a user, `setpriv` dropping CAP_DAC_OVERRIDE for root (who may write
+  read-only files and folders otherwise)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if os.geteuid() != 0:
+    return []
+  if not shutil.which('setpriv'):
+    pytest.skip('root without setpriv: read-only modes do not hold')
+  caps = '-dac_override,-dac_read_search'
+  return ['setpriv', f'--bounding-set={caps}', f'--inh-caps={caps}']
+
+
+def _script_as_user(*args) -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([*_without_root_s_override(), sys.executable, '-m',
+                         *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+
+
+def test_a_transfer_study_folder_that_is_a_file_or_read_only_is_one_line(
+    tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('mine')
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir(mode=0o555)
+  for workdir, why in ((a_file, 'is a file, not a folder'),
+                       (read_only, 'cannot be written (Permission denied)')):
+    p = _script_as_user('experiments.transfer_study', f'--workdir={workdir}',
+                        '--quick')
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f'error: --workdir={workdir} {why}; choose '
+        + ('another --workdir' if workdir == a_file
+           else 'a folder you can write')], p.stderr
+    assert not p.stdout  # before the first cell
+  assert a_file.read_text() == 'mine' and not os.listdir(read_only)
+  p = _script('experiments.transfer_study', f'--workdir={tmp_path / "new"}',
+              f'--source={tmp_path}', '--sizes=100,a')
+  assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+      "error: --sizes=100,a: 'a' is not a whole number; give whole numbers "
+      'separated by commas, e.g. --sizes=100,1000'], p.stderr
+  assert not (tmp_path / 'new').exists()
