@@ -349,4 +349,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=common.parse_flags)
+  common.main(main, flags_parser=common.parse_flags)

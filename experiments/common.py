@@ -50,9 +50,35 @@ def run(fn, *args, cache_default: str = '', **kwargs):
     print('interrupted: stopped at once, nothing more saved', file=sys.stderr)
     sys.exit(130)
   except BrokenPipeError:
-    # `... | head`: the reader has what it wanted.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    sys.exit(0)
+    _stdout_gone()
+
+
+def main(fn, flags_parser=None) -> None:
+  """`app.run(fn)` for an experiment script (its `__main__`).
+
+  What `fn` prints after its work (a results line, a table) may meet a
+  closed stdout (`... | head -n 1`, `... | true`): the script then ends
+  quietly with status 0, as `run` does, instead of a BrokenPipeError
+  traceback or, where stdout is buffered, "Exception ignored ... Broken
+  pipe" and status 120 at the interpreter's last flush.
+  """
+  def guarded(argv):
+    try:
+      result = fn(argv)
+      sys.stdout.flush()  # inside the guard, not at exit
+      return result
+    except BrokenPipeError:
+      _stdout_gone()
+  app.run(guarded, **({'flags_parser': flags_parser} if flags_parser else {}))
+
+
+def _stdout_gone() -> None:
+  """Exit status 0 for a reader that has what it wanted (`... | head`);
+  stdout goes to /dev/null so that the interpreter's last flush is quiet."""
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, sys.stdout.fileno())
+  os.close(null)
+  sys.exit(0)
 
 
 def whole_numbers(flag) -> list[int]:

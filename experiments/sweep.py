@@ -302,4 +302,4 @@ if __name__ == '__main__':
   sys.argv = [a.replace('dry-run', 'dry_run', 1)
               if a.split('=')[0] in ('--dry-run', '--nodry-run') else a
               for a in sys.argv]
-  app.run(main, flags_parser=common.parse_flags)
+  common.main(main, flags_parser=common.parse_flags)

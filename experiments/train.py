@@ -69,4 +69,4 @@ def main(argv):
       _remove_if_unused(_WORKDIR.value)
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=common.parse_flags)
+  common.main(main, flags_parser=common.parse_flags)

@@ -274,3 +274,29 @@ def test_a_transfer_study_folder_that_is_a_file_or_read_only_is_one_line(
       "error: --sizes=100,a: 'a' is not a whole number; give whole numbers "
       'separated by commas, e.g. --sizes=100,1000'], p.stderr
   assert not (tmp_path / 'new').exists()
+
+
+_MOCK_EVALUATE = (
+    'import tensorflow_datasets as tfds\n'
+    'from experiments import common, evaluate\n'
+    'with tfds.testing.mock_data(num_examples=24):\n'
+    '  common.main(evaluate.main)\n')
+
+
+def test_evaluate_into_a_closed_stdout_ends_quietly(tmp_path):
+  """`evaluate ... | true`: the results line meets a closed pipe (at the
+  interpreter's last flush where stdout is buffered, as it is for a pipe:
+  'Exception ignored ... Broken pipe', status 120; at the print itself with
+  PYTHONUNBUFFERED: a traceback)."""
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / 'run'
+  with tfds.testing.mock_data(num_examples=24):
+    loop.train_and_evaluate(small_config('lenet5', steps=2), str(wd))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='')
+  proc = subprocess.Popen(
+      [sys.executable, '-c', _MOCK_EVALUATE, f'--workdir={wd}'], cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc.stdout.close()  # what `| true` does
+  err = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 0, err
+  assert 'Traceback' not in err and 'Broken pipe' not in err, err
