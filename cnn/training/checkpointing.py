@@ -10,6 +10,8 @@ a run killed mid-save leaves the previous checkpoints intact.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -68,6 +70,51 @@ def _quiet_orbax() -> None:
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+  """An event loop that, closed with tasks still pending, lets them finish
+  first (for `_DRAIN_SECONDS` at most)."""
+
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+      if pending:
+        self.run_until_complete(asyncio.wait(pending,
+                                             timeout=_DRAIN_SECONDS))
+        for t in pending:  # read, so that none is reported as unread
+          if t.done() and not t.cancelled():
+            t.exception()
+    super().close()
+
+
+_DRAIN_SECONDS = 60.0
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self):
+    return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _reads_that_finish():
+  """Orbax restores in an event loop of its own that it closes as soon as
+  one array's read fails, while the reads of the others are still in
+  flight in TensorStore's threads: each then completed into the closed
+  loop ("RuntimeError: Event loop is closed", or the read's own error, a
+  traceback apiece, 139 for a ResNet's checkpoint after the one line that
+  says the checkpoint is unreadable). Loops made within the block wait for
+  their reads before they close."""
+  policy = asyncio.get_event_loop_policy()
+  if type(policy) is not asyncio.DefaultEventLoopPolicy:  # pylint: disable=unidiomatic-typecheck
+    yield  # someone else's loops (uvloop ...): left as they are
+    return
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(policy)
 
 
 def param_shapes(params) -> dict:
@@ -163,8 +210,9 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     try:
-      return self.manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      with _reads_that_finish():
+        return self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(self._unreadable(step, e)) from None
 
@@ -193,9 +241,10 @@ class Checkpointer:
             'own config')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract)))
+      with _reads_that_finish():
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(self._unreadable(step, e)) from None
     return restored['state']
@@ -206,17 +255,19 @@ class Checkpointer:
     checkpoint of 8 GPUs loads on one CPU: `init_from`, plots)."""
     path = os.path.join(self.directory, str(step), 'state')
     try:
-      # The item's own handler: it reads the `state` folder, which has no
-      # step metadata of its own (StandardCheckpointer().metadata would warn
-      # that _CHECKPOINT_METADATA is missing there).
-      metadata = ocp.StandardCheckpointHandler().metadata(
-          epath.Path(os.path.abspath(path)))
-      tree = getattr(metadata, 'tree', metadata)
-      here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
-      return self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))['state']
+      with _reads_that_finish():
+        # The item's own handler: it reads the `state` folder, which has no
+        # step metadata of its own (StandardCheckpointer().metadata would
+        # warn that _CHECKPOINT_METADATA is missing there).
+        metadata = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(os.path.abspath(path)))
+        tree = getattr(metadata, 'tree', metadata)
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+            tree)
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))['state']
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(self._unreadable(step, e)) from None
 
