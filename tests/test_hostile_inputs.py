@@ -343,3 +343,32 @@ def test_an_unreadable_checkpoint_is_its_one_line_only(tmp_path, capfd,
   assert not unraised, unraised[0].exc_value
   err = capfd.readouterr().err
   assert 'Event loop is closed' not in err and 'Traceback' not in err, err
+
+
+def test_init_from_a_classifier_into_localization_names_a_fix_that_works(
+    tmp_path):
+  """The hint was `set --config.model=lenet5`, which then failed the same
+  way (the localizer of lenet5 is still not lenet5). Runs of 0 steps (an
+  evaluation and a checkpoint of the initial weights) stand for trained
+  ones: what is checked is which checkpoint fits which model."""
+  import re  # pylint: disable=g-import-not-at-top
+  from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
+  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from tests.tasks.test_localization import recipe_config  # pylint: disable=g-import-not-at-top
+  classifier, localizer = tmp_path / 'classifier', tmp_path / 'localizer'
+  joint = lambda init_from: recipe_config(
+      'joint', num_train_steps=0, dense_eval=False, init_from=init_from)
+  with tfds.testing.mock_data(num_examples=16):
+    loop.train_and_evaluate(small_config('lenet5', steps=0), str(classifier))
+    with pytest.raises(CheckpointError) as e:
+      loop.train_and_evaluate(joint(str(classifier)), str(tmp_path / 'a'))
+    message = str(e.value)
+    fix = re.search(r'--config=configs/localization\.py:(\w+) '
+                    r'--config\.model=(\w+) --workdir=DIR, then set '
+                    r'--config\.init_from=DIR$', message)
+    assert fix and '\n' not in message, message
+    stage, model = fix.groups()
+    loop.train_and_evaluate(recipe_config(stage, model=model,
+                                          num_train_steps=0), str(localizer))
+    loop.train_and_evaluate(joint(str(localizer)), str(tmp_path / 'b'))
+  assert (tmp_path / 'b' / 'checkpoints' / '0').is_dir()

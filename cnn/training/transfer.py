@@ -220,7 +220,7 @@ def mismatches(saved: dict, expected: dict, collection: str,
 
 
 def load_pretrained(spec: str, model_name: str, params, batch_stats,
-                    new_head: bool = False):
+                    new_head: bool = False, other_model_fix=None):
   """Weights of another run's checkpoint, checked against the model.
 
   Args:
@@ -230,6 +230,9 @@ def load_pretrained(spec: str, model_name: str, params, batch_stats,
     params, batch_stats: the fresh initialisation (its head is kept when
       replaced).
     new_head: re-initialise `head` even when its shape matches.
+    other_model_fix: `fix(saved_model) -> str`, what to do when the
+      checkpoint is of another model (`saved_model`, its meta's name);
+      by default: set --config.model to it, or pretrain `model_name`.
 
   Returns:
     (params, batch_stats, message): the loaded trees (numpy leaves, same
@@ -250,11 +253,13 @@ def load_pretrained(spec: str, model_name: str, params, batch_stats,
       raise CheckpointError(f"init_from='{spec}': {e}") from None
     meta = checkpointer.read_meta(step)
     if meta.get('model') != model_name:
+      fix = (other_model_fix(meta.get('model')) if other_model_fix else
+             f"set --config.model={meta.get('model')} or pretrain a "
+             f'{model_name}')
       raise CheckpointError(
           f"init_from='{spec}' holds a checkpoint of model "
           f"'{meta.get('model')}', but the config trains '{model_name}': "
-          'weights only transfer within one architecture; set '
-          f"--config.model={meta.get('model')} or pretrain a {model_name}")
+          f'weights only transfer within one architecture; {fix}')
     saved = _restore_raw(checkpointer, step)
   finally:
     checkpointer.close()

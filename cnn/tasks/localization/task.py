@@ -35,6 +35,7 @@ from cnn.ops import boxes as box_ops
 from cnn.tasks import base
 from cnn.tasks.localization import dense
 from cnn.tasks.localization import model as model_lib
+from cnn.training import transfer
 
 STAGES = ('classify', 'regress', 'both', 'joint')
 # Besides these, any TFDS dataset with one `bbox` per image (tiny_imagenet).
@@ -189,6 +190,33 @@ class LocalizationTask(base.Task):
     c = self.config
     return {'model': f'localizer/{c.model}/{c.attach}',
             'dataset': f'{c.dataset}/{c.source}'}
+
+  def load_init_from(self, spec: str, params, batch_stats):
+    """A localizer's weights: from another localization run only (its
+    `classify` stage trains the trunk and the class head)."""
+    return transfer.load_pretrained(
+        spec, self.meta()['model'], params, batch_stats,
+        new_head=self.config.get('new_head', False),
+        other_model_fix=self._init_from_fix)
+
+  def _init_from_fix(self, saved: str | None) -> str:
+    c = self.config
+    kind, _, rest = str(saved).partition('/')
+    model, _, attach = rest.partition('/')
+    if kind == 'localizer' and model and attach:
+      fields = ' '.join(f'--config.{k}={v}' for k, v, now in (
+          ('model', model, c.model), ('attach', attach, c.attach))
+                        if v != now)
+      return (f'set {fields} (that localizer), or start from a localization '
+              f'run of {c.model} (attach {c.attach})')
+    preset = 'classify' + (',tiny_imagenet' if c.dataset == 'tiny_imagenet'
+                           else '')
+    attach = '' if c.attach == 'conv' else f' --config.attach={c.attach}'
+    return ('a localizer starts from a localization run, not a '
+            'classifier: train its classify stage (trunk and class head), '
+            'python -m experiments.train --config=configs/localization.py:'
+            f'{preset} --config.model={c.model}{attach} --workdir=DIR, then '
+            'set --config.init_from=DIR')
 
   def freeze_spec(self) -> str:
     own = _FREEZE[self.config.stage]
