@@ -188,8 +188,10 @@ def _schedule(queue, running, workdir, parallel, parent_argv, failures, gpus):
       if not sweeps.read_error(d):
         sweeps.write_error(d, f'worker exited with status {proc.returncode}; '
                            f'see {d}/sweep.log')
-      print(f'=== {m.name} failed: {sweeps.read_error(d)}', file=sys.stderr,
-            flush=True)
+      holder = sweeps.in_use_by(d)
+      print(f'=== {m.name} failed: {sweeps.read_error(d)}' if holder is None
+            else f'=== {m.name}: in use by pid {holder}, not trained here',
+            file=sys.stderr, flush=True)
       failures.append(m.name)
 
 
@@ -265,9 +267,17 @@ def run(config_arg: str, base_config, workdir: str, parallel: int = 1,
     if row['member'] in changed:  # its folder is another run's result
       row['status'], row['note'] = 'changed', changed[row['member']][:200]
   print(sweeps.format_table(rows), flush=True)
-  if failures:
-    raise UserError(f'{len(failures)} member(s) failed: {", ".join(failures)}'
-                    f'; see error.txt in their folders under {workdir}')
+  held = {m.name: sweeps.in_use_by(sweeps.member_dir(workdir, m))
+          for m in chosen if m.name in failures}
+  busy = [f'{n} (pid {pid})' for n, pid in held.items() if pid is not None]
+  failed = [n for n in failures if held.get(n) is None]
+  if failed or busy:
+    raise UserError('; '.join(
+        ([f'{len(failed)} member(s) failed: {", ".join(failed)}; see '
+          f'error.txt in their folders under {workdir}'] if failed else []) +
+        ([f'{len(busy)} member(s) in use by another process, not trained '
+          f'here: {", ".join(busy)}; rerun when it has ended'] if busy
+         else [])))
 
 
 def main(argv):

@@ -372,3 +372,39 @@ def test_init_from_a_classifier_into_localization_names_a_fix_that_works(
                                           num_train_steps=0), str(localizer))
     loop.train_and_evaluate(joint(str(localizer)), str(tmp_path / 'b'))
   assert (tmp_path / 'b' / 'checkpoints' / '0').is_dir()
+
+
+_HOLD_LOCK = (
+    'import sys, time\n'
+    'from cnn.training import run_folder\n'
+    'with run_folder.lock(sys.argv[1]):\n'
+    '  print("held", flush=True)\n'
+    '  time.sleep(300)\n')
+
+
+def test_a_sweep_member_in_use_is_noted_only_while_its_holder_lives(
+    tmp_path, capsys):
+  """A second sweep on one workdir recorded 'in use by pid N' as the
+  member's error.txt: every later table showed it, the holder long gone."""
+  from cnn.errors import UserError  # pylint: disable=g-import-not-at-top
+  from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
+  from configs import plain_vs_resnet  # pylint: disable=g-import-not-at-top
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  member = tmp_path / 'plain8_s0'
+  member.mkdir()
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, str(member)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    arg = 'local,depths=8'
+    with pytest.raises(UserError, match=rf'in use by another process, not '
+                       rf'trained here: plain8_s0 \(pid {holder.pid}\)'):
+      sweep.run(f'configs/plain_vs_resnet.py:{arg}',
+                plain_vs_resnet.get_config(arg), str(tmp_path), only='plain')
+    assert f'| in use by pid {holder.pid} |' in capsys.readouterr().out
+    assert not (member / sweeps.ERROR_FILE).exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  row = sweeps.summary_row(str(member), 'plain8_s0', 4)
+  assert (row['status'], row['note']) == (sweeps.NEW, '')

@@ -220,9 +220,21 @@ def read_error(directory: str) -> str:
 
 
 def write_error(directory: str, message: str) -> None:
+  """Records a member's failure, unless another live process holds the
+  folder (`in_use_by`): the member is then being trained, not failed, and
+  a note written now would outlive that process in every later table."""
+  pid = in_use_by(directory)
+  if pid is not None and pid != os.getpid():
+    return
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, ERROR_FILE), 'w') as f:
     f.write(message.strip() + '\n')
+
+
+def in_use_by(directory: str) -> int | None:
+  """The pid of the live process training in a member folder, else None
+  (-1 where the holder's pid is not written yet)."""
+  return run_folder.holder(directory)
 
 
 def clear_error(directory: str) -> None:
@@ -257,8 +269,7 @@ def summary_row(directory: str, name: str, total_steps: int,
          'step': max((r['step'] for r in records), default=0),
          'total': total_steps, 'metric': metric, 'train': math.nan,
          'held_out': math.nan, 'best': math.nan,
-         'note': read_error(directory).splitlines()[0][:200]
-                 if read_error(directory) else ''}
+         'note': _note(directory)}
   _, train = curves(records, 'train', metric)
   if not train:
     _, train = curves(records, 'train', 'loss')
@@ -272,6 +283,16 @@ def summary_row(directory: str, name: str, total_steps: int,
       row['held_out'] = test[-1]
       row['best'] = min(test) if mode == 'min' else max(test)
   return row
+
+
+def _note(directory: str) -> str:
+  """A table row's note: 'in use by pid N' while a live process trains the
+  member (only then), else the first line of its recorded error."""
+  pid = in_use_by(directory)
+  if pid is not None:
+    return f'in use by pid {pid if pid > 0 else "?"}'
+  error = read_error(directory)
+  return error.splitlines()[0][:200] if error else ''
 
 
 def mean_std(values, digits: int = 1) -> str:

@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 
 import numpy as np
 
@@ -268,7 +269,7 @@ def lock(workdir: str):
   f = open(path, 'a+')  # pylint: disable=consider-using-with
   try:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      _take(f)
     except OSError as e:
       if e.errno not in (errno.EAGAIN, errno.EACCES):
         raise
@@ -284,3 +285,37 @@ def lock(workdir: str):
     yield
   finally:
     f.close()  # releases the flock
+
+
+def _take(f, tries: int = 5) -> None:
+  """flock(LOCK_EX | LOCK_NB), tried a few times over 0.2 s: `holder`,
+  which may be asking at the same moment, holds the lock for microseconds."""
+  for i in range(tries):
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES) or i == tries - 1:
+        raise
+      time.sleep(0.05)
+
+
+def holder(workdir: str) -> int | None:
+  """The pid of the live process that holds the folder's training lock
+  (`lock`), None when none does: a killed holder's lock went with it,
+  whatever pid its .lock file still names."""
+  path = os.path.join(workdir, '.lock')
+  try:
+    f = open(path)  # pylint: disable=consider-using-with
+  except OSError:
+    return None
+  with f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        return None
+      text = f.read().strip()
+      return int(text) if text.isdigit() else -1
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return None
