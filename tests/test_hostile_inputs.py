@@ -10,7 +10,7 @@ import types
 import pytest
 import tensorflow_datasets as tfds
 
-from cnn.errors import ConfigError
+from cnn.errors import ConfigError, UserError
 from cnn.training import metric_writers
 from cnn.training import run_folder
 from tests.conftest import ROOT, small_config
@@ -244,11 +244,11 @@ def _without_root_s_override() -> list[str]:
   return ['setpriv', f'--bounding-set={caps}', f'--inh-caps={caps}']
 
 
-def _script_as_user(*args) -> subprocess.CompletedProcess:
+def _script_as_user(*args, timeout=300) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.run([*_without_root_s_override(), sys.executable, '-m',
                          *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
+                        text=True, timeout=timeout, check=False)
 
 
 def test_a_transfer_study_folder_that_is_a_file_or_read_only_is_one_line(
@@ -408,3 +408,29 @@ def test_a_sweep_member_in_use_is_noted_only_while_its_holder_lives(
     holder.wait()
   row = sweeps.summary_row(str(member), 'plain8_s0', 4)
   assert (row['status'], row['note']) == (sweeps.NEW, '')
+
+
+def test_a_read_only_record_in_the_run_folder_is_one_line_first(tmp_path):
+  """A run rewrites metrics.jsonl (and config.json ...) whole: a read-only
+  one was replaced where the folder was writable (its mode dropped without
+  a word), and failed with a traceback where it was not."""
+  from cnn.training import run_folder  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / 'run'
+  wd.mkdir()
+  metrics = wd / 'metrics.jsonl'
+  metrics.write_text('{"step": 1, "split": "train", "loss": 2.5}\n')
+  metrics.chmod(0o444)
+  p = _script_as_user('experiments.train', '--config=configs/cifar10.py:lenet5',
+                      f'--workdir={wd}', timeout=60)  # (it trained on)
+  assert p.returncode == 1, p.stderr
+  assert p.stderr.strip().splitlines() == [
+      f'error: {metrics} is read-only, and a run in this folder rewrites it: '
+      f'make it writable (chmod u+w {metrics}), or choose another --workdir']
+  assert not p.stdout  # refused before the data loads
+  assert metrics.read_text() == '{"step": 1, "split": "train", "loss": 2.5}\n'
+  assert metrics.stat().st_mode & 0o777 == 0o444
+  metrics.chmod(0o644)
+  (wd / 'config.json').mkdir()
+  with pytest.raises(UserError, match=r"config.json is a folder, not the "
+                     r"run's config.json: move it aside"):
+    run_folder.prepare(str(wd))

@@ -242,8 +242,14 @@ def write_numerics(workdir: str, record: dict) -> None:
   os.replace(tmp, path)
 
 
+# The records a run writes in its folder (each replaced whole, atomically):
+# one that is read-only is refused before anything is read or trained.
+RECORDS = ('metrics.jsonl', 'config.json', NUMERICS, 'provenance.json')
+
+
 def prepare(workdir: str) -> None:
-  """Creates the run folder; one line when it cannot be one."""
+  """Creates the run folder; one line when it cannot be one, or when one of
+  its records (`RECORDS`) cannot be written."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f'--workdir={workdir} is a file, not a folder; choose '
                     'another --workdir')
@@ -256,6 +262,15 @@ def prepare(workdir: str) -> None:
   except OSError as e:
     raise UserError(f'--workdir={workdir} cannot be written '
                     f'({e.strerror or e}); choose a folder you can write') from None
+  for name in RECORDS:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      raise UserError(f"{path} is a folder, not the run's {name}: move it "
+                      'aside, or choose another --workdir')
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+      raise UserError(f'{path} is read-only, and a run in this folder '
+                      f'rewrites it: make it writable (chmod u+w {path}), or '
+                      'choose another --workdir')
 
 
 @contextlib.contextmanager
