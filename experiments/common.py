@@ -54,7 +54,8 @@ def run(fn, *args, cache_default: str = '', **kwargs):
 
 
 def main(fn, flags_parser=None) -> None:
-  """`app.run(fn)` for an experiment script (its `__main__`).
+  """`app.run(fn)` for an experiment script (its `__main__`), its flags
+  parsed by `parse_flags` (a mistake is one line).
 
   What `fn` prints after its work (a results line, a table) may meet a
   closed stdout (`... | head -n 1`, `... | true`): the script then ends
@@ -69,7 +70,7 @@ def main(fn, flags_parser=None) -> None:
       return result
     except BrokenPipeError:
       _stdout_gone()
-  app.run(guarded, **({'flags_parser': flags_parser} if flags_parser else {}))
+  app.run(guarded, flags_parser=flags_parser or parse_flags)
 
 
 def _stdout_gone() -> None:
@@ -105,36 +106,99 @@ def whole_numbers(flag) -> list[int]:
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with a bad `--config=FILE:ARG` or
-  `--config.FIELD=VALUE` as one line.
+  """absl's flag parsing, every mistake one line (exit status 2).
 
-  ml_collections' config flags raise a bare AttributeError/KeyError/
-  ValueError/TypeError (with a traceback) for an unknown field or a value of
-  the wrong type; turn those into `error: ...` and exit status 2, like
-  absl's own usage errors.
+  A bad `--config=FILE:ARG` or `--config.FIELD=VALUE`: ml_collections
+  raises a bare AttributeError/KeyError/ValueError/TypeError (with a
+  traceback) for an unknown field or a value of the wrong type. Any other
+  flag error is absl's message, once: absl's own fallback parsed again and
+  reported the overrides parsed the first time as 'defined twice'. An
+  override may be written `--config.FIELD VALUE` (bool fields too) and
+  before `--config=FILE`; an argument that is no flag (a forgotten
+  `--workdir=`) is named.
   """
+  normalized = _normalized(argv)
+  if list(argv) == sys.argv:  # ml_collections reads its overrides there
+    sys.argv = normalized
+  argv = normalized
   _check_config_file(argv)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
-    bad = _mistyped_override(e, argv)
-    if bad:
-      print(f'error: bad --config override: {bad}', file=sys.stderr)
-      sys.exit(2)
-    if 'Error whilst parsing config file' not in str(e):
-      return app.parse_flags_with_usage(argv)  # absl's usage message, exit 1
-    # get_config raised (e.g. an unknown preset): its message is the last line
-    # of the traceback ml_collections folds into the flag error.
-    last = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    print(f'error: bad --config: {last.split(": ", 1)[-1]}', file=sys.stderr)
-    sys.exit(2)
+    _flag_error(e, argv)
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     message = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").split())
     if len(message) > 1 and message[0] == message[-1] and message[0] in '\'"':
       message = message[1:-1]  # the repr quotes of a KeyError
-    print(f'error: bad --config override: {message} (the fields and their '
-          'types are those of the config file)', file=sys.stderr)
-    sys.exit(2)
+    _usage(f'bad --config override: {message} (the fields and their types '
+           'are those of the config file)')
+  if len(rest) > 1:
+    _unexpected(rest[1:])
+  return rest
+
+
+def _usage(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _normalized(argv: list[str]) -> list[str]:
+  """`--config.FIELD VALUE` as `--config.FIELD=VALUE` (absl leaves the
+  VALUE of a bool field as a stray argument), `--config FILE` as
+  `--config=FILE`, and `--config=FILE` first (ml_collections refuses an
+  override before it)."""
+  out, i = [argv[0]], 1
+  while i < len(argv):
+    a = argv[i]
+    if a == '--':
+      out += argv[i:]
+      break
+    if ((a == '--config' or a.startswith('--config.')) and '=' not in a
+        and i + 1 < len(argv) and not argv[i + 1].startswith('--')):
+      out.append(f'{a}={argv[i + 1]}')
+      i += 2
+      continue
+    out.append(a)
+    i += 1
+  first = [a for a in out[1:] if a.startswith('--config=')]
+  return out[:1] + first + [a for a in out[1:] if a not in first]
+
+
+def _flag_error(e, argv) -> None:
+  """One line for absl's flag error `e` (its parse of `argv` failed)."""
+  bad = _mistyped_override(e, argv)
+  if bad:
+    _usage(f'bad --config override: {bad}')
+  text = str(e)
+  if 'Error whilst parsing config file' in text:
+    # get_config raised (e.g. an unknown preset): its message is the last
+    # line of the traceback ml_collections folds into the flag error.
+    last = [l.strip() for l in text.splitlines() if l.strip()][-1]
+    _usage(f'bad --config: {last.split(": ", 1)[-1]}')
+  missing = re.match(r'Missing value for flag (--[\w.]+)', text)
+  if missing:
+    name = missing.group(1)
+    _usage(f'{name} needs a value: write {name}=VALUE')
+  required = re.search(r'Flag (--\w+) must have a value other than None',
+                       text)
+  if required:
+    name = required.group(1)
+    stray = [a for i, a in enumerate(argv[1:], 1) if not a.startswith('-')
+             and not (argv[i - 1].startswith('--') and '=' not in argv[i - 1])]
+    fix = (f'the run folder? write {name}={stray[0]} (a flag)'
+           if stray and name == '--workdir' else
+           f'{name}={name[2:].upper()} (see --helpshort)')
+    _usage(f'{name} is required: {fix}')
+  _usage(f'{text.splitlines()[0]} (see --helpshort)')
+
+
+def _unexpected(extra: list[str]) -> None:
+  """One line for arguments that are no flag."""
+  hint = 'flags are written --NAME=VALUE'
+  if 'workdir' in flags.FLAGS and not flags.FLAGS['workdir'].present:
+    hint = f'the run folder? write --workdir={extra[0]} (a flag)'
+  _usage(f"unexpected argument{'s' if len(extra) > 1 else ''} "
+         f"{' '.join(extra)}: {hint}")
 
 
 def _check_config_file(argv) -> None:
@@ -180,10 +244,12 @@ def _mistyped_override(error, argv) -> str | None:
   if not name.startswith('config.'):
     return None
   field = name[len('config.'):]
-  value = next((a.split('=', 1)[1] for a in argv
-                if a.startswith(f'--{name}=')), None)
-  if value is None:
+  given = [a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')]
+  if not given:
     return None
+  # The one absl refused (a field given twice: not always the first).
+  value = next((v for v in given if f'--{name}={v}:' in str(error)),
+               given[-1])
   kind = 'the type of the field in the config file'
   try:
     from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top

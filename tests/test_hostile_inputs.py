@@ -434,3 +434,51 @@ def test_a_read_only_record_in_the_run_folder_is_one_line_first(tmp_path):
   with pytest.raises(UserError, match=r"config.json is a folder, not the "
                      r"run's config.json: move it aside"):
     run_folder.prepare(str(wd))
+
+
+@pytest.mark.parametrize('args,line', [
+    (['--config.seed=2', '--config.seed=abc'],
+     "error: bad --config override: --config.seed=abc: 'abc' is not an int, "
+     'like its value 0'),
+    (['--config.seed'],
+     'error: --config.seed needs a value: write --config.seed=VALUE'),
+    (['--config.seed=1', '--config.seed'],
+     'error: --config.seed needs a value: write --config.seed=VALUE'),
+    (['--config.seed', 'abc'],
+     "error: bad --config override: --config.seed=abc: 'abc' is not an int, "
+     'like its value 0'),
+])
+def test_config_override_mistakes_are_one_line_naming_them(args, line):
+  """absl's fallback parsed the command line a second time, and reported
+  the overrides of the first as 'defined twice'; a repeated field named
+  the value it had accepted."""
+  p = _script('experiments.train', '--config=configs/mnist.py:lenet5',
+              '--print_config', *args)
+  assert p.returncode == 2 and not p.stdout, p.stderr
+  assert p.stderr.strip().splitlines() == [line]
+
+
+def test_a_forgotten_workdir_flag_is_named(tmp_path):
+  run = str(tmp_path / 'run')
+  p = _script('experiments.train', '--config=configs/mnist.py:lenet5', run)
+  assert p.returncode == 2, p.stderr
+  assert p.stderr.strip().splitlines() == [
+      f'error: unexpected argument {run}: the run folder? write '
+      f'--workdir={run} (a flag)']
+  p = _script('experiments.evaluate', run)
+  assert p.stderr.strip().splitlines() == [
+      f'error: --workdir is required: the run folder? write --workdir={run} '
+      '(a flag)']
+  assert not os.path.exists(run)
+
+
+def test_overrides_may_be_space_separated_and_before_the_config_file():
+  """`--config.tensorboard false` left 'false' as a stray argument, and an
+  override before --config=FILE was a two-line absl error."""
+  p = _script('experiments.train', '--config.seed', '3', '--config',
+              'configs/mnist.py:lenet5', '--print_config',
+              '--config.tensorboard', 'false', '--config.lr_milestones=5,6')
+  assert p.returncode == 0, p.stderr
+  config = json.loads(p.stdout)
+  assert (config['seed'], config['tensorboard'], config['lr_milestones']) == (
+      3, False, [5, 6])
