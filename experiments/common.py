@@ -2,6 +2,7 @@
 errors."""
 import os
 import re
+import signal
 import sys
 
 # Before TensorFlow is imported anywhere: hide its C++ INFO/WARNING chatter.
@@ -55,7 +56,9 @@ def run(fn, *args, cache_default: str = '', **kwargs):
 
 def main(fn, flags_parser=None) -> None:
   """`app.run(fn)` for an experiment script (its `__main__`), its flags
-  parsed by `parse_flags` (a mistake is one line).
+  parsed by `parse_flags` (a mistake is one line), a Ctrl-C stopping it at
+  once with one line (`stop_at_once`) wherever the work has not taken
+  Ctrl-C itself (a training loop saves its step).
 
   What `fn` prints after its work (a results line, a table) may meet a
   closed stdout (`... | head -n 1`, `... | true`): the script then ends
@@ -63,6 +66,8 @@ def main(fn, flags_parser=None) -> None:
   traceback or, where stdout is buffered, "Exception ignored ... Broken
   pipe" and status 120 at the interpreter's last flush.
   """
+  stop_at_once()
+
   def guarded(argv):
     try:
       result = fn(argv)
@@ -71,6 +76,57 @@ def main(fn, flags_parser=None) -> None:
     except BrokenPipeError:
       _stdout_gone()
   app.run(guarded, flags_parser=flags_parser or parse_flags)
+
+
+_NOTE = []  # what a Ctrl-C that stops the command at once leaves
+
+
+def on_interrupt(note) -> None:
+  """`note()` -> str: what this command leaves when a Ctrl-C stops it at
+  once (where a rerun resumes), said on the interruption's line. It runs
+  in a signal handler: files only, no imports."""
+  _NOTE[:] = [note]
+
+
+def interrupted_line(what: str) -> str:
+  """`interrupted: WHAT; NOTE` (the registered note, where one is)."""
+  note = ''
+  if _NOTE:
+    try:
+      note = _NOTE[0]()
+    except Exception:  # pylint: disable=broad-except
+      note = ''  # the line itself must come
+  return f'interrupted: {what}' + (f'; {note}' if note else '')
+
+
+def stop_at_once() -> None:
+  """SIGINT ends the process at once with one line and status 130.
+
+  Python's own Ctrl-C raises KeyboardInterrupt wherever the main thread
+  is: inside `import jax` it became an ImportError traceback or a C++
+  abort (SIGABRT), inside a garbage-collector callback it was swallowed
+  ("Exception ignored") and the command went on. Until a command's work
+  takes Ctrl-C itself (the training loop's `StopRequest`, the sweep's
+  scheduler), nothing it has begun needs saving: its files are written
+  whole (a temporary file renamed), its checkpoints by orbax's rename.
+  A SIGINT that was ignored when the process started (`nohup`, a
+  background job) stays ignored.
+  """
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stop_at_once)
+
+
+def _stop_at_once(signum, frame) -> None:
+  del frame
+  try:
+    sys.stdout.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass  # mid-write in the main thread, or a closed pipe
+  line = interrupted_line(f'{signal.Signals(signum).name}: stopped at once')
+  try:
+    os.write(2, (line + '\n').encode())
+  finally:
+    os._exit(128 + signum)  # pylint: disable=protected-access
 
 
 def _stdout_gone() -> None:

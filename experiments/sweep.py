@@ -102,6 +102,8 @@ def _run_subprocesses(todo, workdir, parallel, parent_argv, failures):
   gpus = _gpu_count()
   queue, running = list(todo), {}  # slot -> (member, process, log)
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+  # Ctrl-C too raises here (not common.stop_at_once): the workers stop first.
+  previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     _schedule(queue, running, workdir, parallel, parent_argv, failures, gpus)
   except KeyboardInterrupt:
@@ -127,6 +129,7 @@ def _run_subprocesses(todo, workdir, parallel, parent_argv, failures):
         ) from None
   finally:
     signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGINT, previous_int)
 
 
 def _changed_members(chosen, configs, workdir) -> dict:

@@ -46,9 +46,26 @@ def _remove_if_unused(workdir: str) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _resume_note() -> str:
+  """Where a rerun of a command that Ctrl-C stopped at once resumes (from
+  a signal handler: the library's folder reader where it is loaded)."""
+  run_folder = sys.modules.get('cnn.training.run_folder')
+  steps = getattr(run_folder, 'checkpoint_steps', None)
+  if steps is None:
+    return (f'a rerun of the same command resumes from the last checkpoint '
+            f'in {_WORKDIR.value}, if it has one')
+  saved = steps(_WORKDIR.value)
+  if not saved:
+    return (f'no checkpoint in {_WORKDIR.value} yet: a rerun of the same '
+            'command starts at step 0')
+  return (f'a rerun of the same command resumes from step {saved[-1]} '
+          f'({os.path.join(_WORKDIR.value, "checkpoints", str(saved[-1]))})')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  common.on_interrupt(_resume_note)
   if _PRINT_CONFIG.value:
     try:
       print(_CONFIG.value.to_json_best_effort(indent=2, sort_keys=True),

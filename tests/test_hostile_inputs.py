@@ -482,3 +482,31 @@ def test_overrides_may_be_space_separated_and_before_the_config_file():
   config = json.loads(p.stdout)
   assert (config['seed'], config['tensorboard'], config['lr_milestones']) == (
       3, False, [5, 6])
+
+
+_CTRL_C_IN_IMPORT_JAX = (
+    'import os, signal, sys\n'
+    'class CtrlC:  # the Ctrl-C of a user, as `import jax` begins\n'
+    '  def find_spec(self, name, path=None, target=None):\n'
+    '    if name == "jax":\n'
+    '      sys.meta_path.remove(self)\n'
+    '      os.kill(os.getpid(), signal.SIGINT)\n'
+    'sys.meta_path.insert(0, CtrlC())\n'
+    'from experiments import common, train\n'
+    'common.main(train.main, flags_parser=common.parse_flags)\n')
+
+
+def test_ctrl_c_in_the_first_second_is_one_line(tmp_path):
+  """Python's KeyboardInterrupt inside `import jax` became an ImportError
+  traceback, or a C++ abort (status -6), or was swallowed in a garbage
+  collector callback and the run went on."""
+  wd = tmp_path / 'run'
+  p = subprocess.run(
+      [sys.executable, '-c', _CTRL_C_IN_IMPORT_JAX,
+       '--config=configs/cifar10.py:lenet5', f'--workdir={wd}'], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=120, check=False)
+  assert p.returncode == 130, p.stderr[-3000:]
+  assert p.stderr.strip().splitlines() == [
+      'interrupted: SIGINT: stopped at once; a rerun of the same command '
+      f'resumes from the last checkpoint in {wd}, if it has one']
