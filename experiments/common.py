@@ -46,9 +46,11 @@ def run(fn, *args, cache_default: str = '', **kwargs):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    # Before a run trains, or a second Ctrl-C: a run resumes from its last
-    # checkpoint.
-    print('interrupted: stopped at once, nothing more saved', file=sys.stderr)
+    # A second Ctrl-C while a run saved its step for the first (the loop's
+    # StopRequest), or a Ctrl-C under a handler other than stop_at_once's.
+    # The run has closed its checkpoints, waiting for a save under way: the
+    # note, read now, names the checkpoint a rerun resumes from.
+    print(interrupted_line('SIGINT: stopped at once'), file=sys.stderr)
     sys.exit(130)
   except BrokenPipeError:
     _stdout_gone()

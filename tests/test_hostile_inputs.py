@@ -510,3 +510,55 @@ def test_ctrl_c_in_the_first_second_is_one_line(tmp_path):
   assert p.stderr.strip().splitlines() == [
       'interrupted: SIGINT: stopped at once; a rerun of the same command '
       f'resumes from the last checkpoint in {wd}, if it has one']
+
+
+_MOCK_TRAIN_CTRL_C_IN_SAVE = (
+    'import os, signal\n'
+    'import tensorflow_datasets as tfds\n'
+    'from configs import common as configs\n'
+    'from cnn.training import checkpointing\n'
+    'from experiments import common, train\n'
+    '# TFDS cifar10 on mock data, as tests/conftest.py does.\n'
+    'configs.dataset_and_dir = lambda prepared, name: (name, None)\n'
+    'save = checkpointing.Checkpointer.save\n'
+    'def save_and_ctrl_c(self, *args, **kwargs):  # Ctrl-C again, mid-save\n'
+    '  save(self, *args, **kwargs)\n'
+    '  os.kill(os.getpid(), signal.SIGINT)\n'
+    'checkpointing.Checkpointer.save = save_and_ctrl_c\n'
+    'with tfds.testing.mock_data(num_examples=24):\n'
+    '  common.main(train.main, flags_parser=common.parse_flags)\n')
+
+
+def test_a_second_ctrl_c_during_the_save_says_where_the_run_resumes(
+    tmp_path):
+  """It said 'stopped at once, nothing more saved' while the first Ctrl-C's
+  checkpoint, whose save was under way, was completed and kept."""
+  import re  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  wd = tmp_path / 'run'
+  args = ['--config=configs/cifar10.py:lenet5', f'--workdir={wd}'] + [
+      f'--config.{k}={v}' for k, v in dict(
+          batch_size=8, eval_batch_size=8, num_train_steps=1000000,
+          eval_every_steps=1000000, checkpoint_every_steps=1000000,
+          log_every_steps=1000000, tensorboard=False).items()]
+  proc = subprocess.Popen(
+      [sys.executable, '-c', _MOCK_TRAIN_CTRL_C_IN_SAVE, *args], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={k: v for k, v in os.environ.items() if k != 'TFDS_DATA_DIR'})
+  try:
+    line = ' '
+    while line and 'compiled and ran the first step' not in line:
+      line = proc.stdout.readline()
+    assert line, proc.communicate(timeout=60)[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130 and 'Traceback' not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  saved = re.fullmatch(r'interrupted: SIGINT: stopped at once; a rerun of the '
+                       r'same command resumes from step (\d+) \((.*)\)', last)
+  assert saved, last
+  assert saved.group(2) == str(wd / 'checkpoints' / saved.group(1))
+  assert os.listdir(wd / 'checkpoints') == [saved.group(1)]
