@@ -119,16 +119,16 @@ def benchmark(config):
   """Builds, times and prints; returns the table rows (for callers)."""
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
 
   task = tasks.get(config)
   if task.name != 'classification':
     raise ConfigError(f"the benchmark times classifiers; task='{task.name}' "
                       'is not one: use a configs/cifar10.py model')
-  loop.validate_config(config, task)
+  runs.validate_config(config, task)
   # The config's numerics (conv, conv_weight_grad, xla_cpu_conv,
   # xla_cpu_fusion), under the variants' own choices.
-  with loop.numerics(config):
+  with runs.numerics(config):
     return _benchmark(config)
 
 
@@ -140,7 +140,7 @@ def _benchmark(config):
   from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
-  from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from cnn.ops import compiler  # pylint: disable=g-import-not-at-top
 
   bs = config.batch_size if _BATCH.value is None else _BATCH.value
   ebs = (config.eval_batch_size if _EVAL_BATCH.value is None
@@ -164,7 +164,7 @@ def _benchmark(config):
     # The same convolution engine on both sides; only the fusion pass differs.
     engine_options = conv_ops.engine_compiler_options() or {}
     variants = {'jax fusion-off': dict(dtype=dtype, compiler_options={
-        **engine_options, **step_lib.CPU_COMPILER_OPTIONS}),
+        **engine_options, **compiler.CPU_COMPILER_OPTIONS}),
                 'jax fusion-on': dict(dtype=dtype,
                                       compiler_options=engine_options or None)}
   elif _COMPARE.value == 'conv':

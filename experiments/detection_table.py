@@ -38,7 +38,7 @@ flags.mark_flags_as_required(['workdirs'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cnn.tasks.detection import report as detection_report  # pylint: disable=g-import-not-at-top
+  from cnn.tools import detection_report  # pylint: disable=g-import-not-at-top
 
   def run():
     try:  # checked before any run is loaded

@@ -34,16 +34,16 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from cnn.tasks import base  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  r = common.run(loop.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
+  from cnn import runs  # pylint: disable=g-import-not-at-top
+  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
+  r = common.run(runs.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
                  _CHECKPOINT.value, _PICTURE.value, _EXAMPLES.value)
   keys = tuple(r['eval_keys']) + tuple(
       k for k in ('loss', 'iou50', 'dense_error', 'dense_mean_iou',
                   'mean_box_mean_iou', 'network_seconds', 'proposal_seconds')
       if k not in r['eval_keys'])
   print(f"step {r['step']} {_SPLIT.value} ({r['task']}, "
-        f"{r['examples']:.0f} examples): {base.format_metrics(r, keys)}")
+        f"{r['examples']:.0f} examples): {metric_writers.format_metrics(r, keys)}")
   if _PICTURE.value:
     print(f'picture: {_PICTURE.value}')
 

@@ -195,8 +195,8 @@ def main(argv):
     rpn = None
     if _RPN.value:
       from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
-      from cnn.training import loop  # pylint: disable=g-import-not-at-top
-      run, state, _ = loop.restore_run(_RPN.value)
+      from cnn import runs  # pylint: disable=g-import-not-at-top
+      run, state, _ = runs.restore_run(_RPN.value)
       if run.task.name != 'detection' or run.config.kind != 'faster_rcnn':
         raise ConfigError(f'--rpn={_RPN.value} is not a faster_rcnn run; '
                           'give the folder of one (configs/detection.py:'

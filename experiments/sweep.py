@@ -75,13 +75,14 @@ def _worker_argv(name: str, parent_argv: list[str]) -> list[str]:
 def _run_in_process(todo, configs, workdir, failures):
   from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from cnn.errors import UserError  # pylint: disable=g-import-not-at-top
   for m in todo:
     d = sweeps.member_dir(workdir, m)
     print(f'=== {m.name}: {m.describe()} -> {d}', flush=True)
     sweeps.clear_error(d)
     try:
-      loop.train_and_evaluate(configs[m.name], d)
+      runs.train_and_evaluate(configs[m.name], d)
     except loop.Interrupted:
       raise  # Ctrl-C stops the sweep, not just this member.
     except UserError as e:

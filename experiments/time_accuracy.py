@@ -57,12 +57,12 @@ def _marks(specs):
 def _draw():
   from cnn.tools import plotting  # pylint: disable=g-import-not-at-top
   from cnn.tools import time_accuracy  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs as runs_lib  # pylint: disable=g-import-not-at-top
   marks = _marks(_MARKS.value)
   runs = []
   for workdir in _WORKDIR.value:
     pts, clock = time_accuracy.points(workdir, _SPLIT.value)
-    runs.append((workdir, pts, clock, loop.load_config(workdir)))
+    runs.append((workdir, pts, clock, runs_lib.load_config(workdir)))
   out = _OUT.value or _WORKDIR.value[0]
   os.makedirs(out, exist_ok=True)
   text = ''

@@ -77,10 +77,10 @@ def main(argv):
     print('error: --workdir=DIR is required: the run folder (or '
           '--print_config to print the config)', file=sys.stderr)
     sys.exit(2)
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   fresh = not os.path.exists(_WORKDIR.value)
   try:
-    common.run(loop.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
+    common.run(runs.train_and_evaluate, _CONFIG.value, _WORKDIR.value)
   finally:
     if fresh:
       _remove_if_unused(_WORKDIR.value)

@@ -96,21 +96,23 @@ def base_config(steps: int, quick: bool):
 def run_cell(workdir: str, config) -> dict:
   """Trains one run (or reuses its result) -> accuracy and wall time."""
   from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   done = os.path.join(workdir, 'result.json')
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
   print(f'--- {workdir}', flush=True)
   t0 = time.perf_counter()
-  loop.train_and_evaluate(config, workdir)
+  runs.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - t0
   test = [r for r in metric_writers.read_metrics(workdir)
           if r['split'] == 'test' and r['step'] == config.num_train_steps]
   result = {'accuracy': 1.0 - test[-1]['error'], 'wall_s': wall,
             'steps': int(config.num_train_steps)}
-  with open(done, 'w') as f:
+  # Atomic: a study stopped mid-write reruns the cell, never reads half.
+  with open(done + '.tmp', 'w') as f:
     json.dump(result, f)
+  os.replace(done + '.tmp', done)
   return result
 
 
@@ -164,7 +166,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cnn import models  # pylint: disable=g-import-not-at-top
   from cnn.errors import ConfigError  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from cnn.training import run_folder  # pylint: disable=g-import-not-at-top
   from cnn.tools import sweeps  # pylint: disable=g-import-not-at-top
   src = run_folder.read_config(source)
@@ -197,7 +199,7 @@ def source_study(root: str, source: str, seeds: int, quick: bool) -> str:
           c.init_from = source
         results[n, mode, seed] = run_cell(
             os.path.join(root, f'{mode}_{n}_s{seed}'), c)
-  pre = loop.load_config(source)
+  pre = runs.load_config(source)
   src_rows = [r for r in _read(source) if r['split'] == 'test']
   src_err = (f'{100 * src_rows[-1]["error"]:.1f} % top-1 error on its '
              f'{pre.test_split}' if src_rows else 'no evaluation')

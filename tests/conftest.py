@@ -86,11 +86,11 @@ SMALL_NUMERICS = dict(conv_weight_grad='xla', xla_cpu_conv='ynnpack',
 def small_numerics():
   """SMALL_NUMERICS for library code called outside a run (a run enters
   its own config's)."""
+  from cnn.ops import compiler  # pylint: disable=g-import-not-at-top
   from cnn.ops import conv  # pylint: disable=g-import-not-at-top
-  from cnn.training import step  # pylint: disable=g-import-not-at-top
   with conv.policy(SMALL_NUMERICS['conv_weight_grad']), \
       conv.engine(SMALL_NUMERICS['xla_cpu_conv']), \
-      step.fusion(SMALL_NUMERICS['xla_cpu_fusion']):
+      compiler.fusion(SMALL_NUMERICS['xla_cpu_fusion']):
     yield
 
 
@@ -115,14 +115,18 @@ def small_config(model='cifar_resnet8', steps=4, **overrides):
 def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
                     augment='crop_flip', frozen=None,
                     compiler_options='default', seed=0):
-  """The library's classification train step and a fresh state."""
+  """The library's classification train step and a fresh state
+  (`compiler_options='default'`: a run's, `cnn.ops.compiler`)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from cnn.ops import compiler  # pylint: disable=g-import-not-at-top
   from cnn.tasks.classification import task as classification  # pylint: disable=g-import-not-at-top
   from cnn.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from cnn.training import step as step_lib  # pylint: disable=g-import-not-at-top
   if mean is None:
     mean = np.zeros(image_shape[-1], np.float32)
   loss_fn = classification.make_loss_fn(model, mean, augment=augment)
+  if compiler_options == 'default':
+    compiler_options = compiler.train_step_options()
   step = step_lib.make_train_step(loss_fn, tx, schedule, frozen=frozen,
                                   compiler_options=compiler_options)
   state = state_lib.create(

@@ -85,18 +85,18 @@ def test_a_config_json_that_is_not_an_object_is_one_line(tmp_path):
     ('lr_milestones', (-1,)), ('lr_milestone_fractions', ('x',))])
 def test_milestones_that_are_not_steps_are_refused_before_data(field, value):
   from cnn import tasks  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   c = small_config(lr_schedule='step', warmup_steps=0)
   with c.unlocked():
     c.lr_milestones, c.lr_milestone_fractions = (), ()
     c[field] = value
   with pytest.raises(ConfigError, match=field):
-    loop.validate_config(c, tasks.get(c))
+    runs.validate_config(c, tasks.get(c))
 
 
 def test_a_picture_into_a_missing_folder_is_drawn_there(tmp_path,
                                                         monkeypatch):
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
 
   def picture(model, variables, data, path):
     del model, variables, data
@@ -110,23 +110,23 @@ def test_a_picture_into_a_missing_folder_is_drawn_there(tmp_path,
                                  eval_keys=('error',)),
       model=None)
   state = types.SimpleNamespace(variables={})
-  monkeypatch.setattr(loop, 'restore_run', lambda *a: (run, state, 3))
+  monkeypatch.setattr(runs, 'restore_run', lambda *a: (run, state, 3))
   png = tmp_path / 'new' / 'folder' / 'p.png'
-  r = loop.evaluate_checkpoint(str(tmp_path), picture=str(png))
+  r = runs.evaluate_checkpoint(str(tmp_path), picture=str(png))
   assert r['error'] == 0.5 and png.read_bytes() == b'png'
 
 
 def test_a_picture_that_cannot_be_written_is_refused_before_evaluating(
     tmp_path, monkeypatch):
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(loop, 'restore_run',
+  from cnn import runs  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runs, 'restore_run',
                       lambda *a: pytest.fail('evaluated first'))
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(ConfigError, match='not a writable folder'):
-    loop.evaluate_checkpoint(str(tmp_path),
+    runs.evaluate_checkpoint(str(tmp_path),
                              picture=str(tmp_path / 'a_file' / 'p.png'))
   with pytest.raises(ConfigError, match='is a folder'):
-    loop.evaluate_checkpoint(str(tmp_path), picture=str(tmp_path))
+    runs.evaluate_checkpoint(str(tmp_path), picture=str(tmp_path))
 
 
 def _script(*args) -> subprocess.CompletedProcess:
@@ -163,7 +163,7 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_one_line_first(
   process hung; now the run refuses before it trains a step."""
   from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   from cnn.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   blocked = tmp_path / 'a_file'
   blocked.write_text('')
   with pytest.raises(CheckpointError, match='cannot write checkpoints in'):
@@ -171,12 +171,12 @@ def test_a_checkpoints_folder_that_cannot_be_written_is_one_line_first(
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'checkpoints').write_text('not a folder')
-  monkeypatch.setattr(loop.Run, 'train_step',
+  monkeypatch.setattr(runs.Run, 'train_step',
                       lambda *a: pytest.fail('trained a step'),
                       raising=False)
   with tfds.testing.mock_data(num_examples=24), pytest.raises(
       CheckpointError, match='choose another --workdir'):
-    loop.train_and_evaluate(small_config(), str(workdir))
+    runs.train_and_evaluate(small_config(), str(workdir))
   assert (workdir / 'checkpoints').read_text() == 'not a folder'
 
 
@@ -288,10 +288,10 @@ def test_evaluate_into_a_closed_stdout_ends_quietly(tmp_path):
   interpreter's last flush where stdout is buffered, as it is for a pipe:
   'Exception ignored ... Broken pipe', status 120; at the print itself with
   PYTHONUNBUFFERED: a traceback)."""
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   wd = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(small_config('lenet5', steps=2), str(wd))
+    runs.train_and_evaluate(small_config('lenet5', steps=2), str(wd))
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='')
   proc = subprocess.Popen(
       [sys.executable, '-c', _MOCK_EVALUATE, f'--workdir={wd}'], cwd=ROOT,
@@ -353,24 +353,24 @@ def test_init_from_a_classifier_into_localization_names_a_fix_that_works(
   ones: what is checked is which checkpoint fits which model."""
   import re  # pylint: disable=g-import-not-at-top
   from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from tests.tasks.test_localization import recipe_config  # pylint: disable=g-import-not-at-top
   classifier, localizer = tmp_path / 'classifier', tmp_path / 'localizer'
   joint = lambda init_from: recipe_config(
       'joint', num_train_steps=0, dense_eval=False, init_from=init_from)
   with tfds.testing.mock_data(num_examples=16):
-    loop.train_and_evaluate(small_config('lenet5', steps=0), str(classifier))
+    runs.train_and_evaluate(small_config('lenet5', steps=0), str(classifier))
     with pytest.raises(CheckpointError) as e:
-      loop.train_and_evaluate(joint(str(classifier)), str(tmp_path / 'a'))
+      runs.train_and_evaluate(joint(str(classifier)), str(tmp_path / 'a'))
     message = str(e.value)
     fix = re.search(r'--config=configs/localization\.py:(\w+) '
                     r'--config\.model=(\w+) --workdir=DIR, then set '
                     r'--config\.init_from=DIR$', message)
     assert fix and '\n' not in message, message
     stage, model = fix.groups()
-    loop.train_and_evaluate(recipe_config(stage, model=model,
+    runs.train_and_evaluate(recipe_config(stage, model=model,
                                           num_train_steps=0), str(localizer))
-    loop.train_and_evaluate(joint(str(localizer)), str(tmp_path / 'b'))
+    runs.train_and_evaluate(joint(str(localizer)), str(tmp_path / 'b'))
   assert (tmp_path / 'b' / 'checkpoints' / '0').is_dir()
 
 

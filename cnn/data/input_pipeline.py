@@ -1,10 +1,8 @@
 """TFDS -> numpy / tf.data -> device batches, and on-device augmentation.
 
-Small datasets (CIFAR, MNIST, ...) are read once into memory as uint8. The
-training batch of step `s` is a pure function of (seed, s): the stream is the
-concatenation of per-epoch permutations drawn from `np.random.default_rng(
-(seed, epoch))`, so a run resumed at any step sees exactly the batches an
-uninterrupted run would. Augmentation (pad-and-crop, flip) and mean
+Small datasets (CIFAR, MNIST, ...) are read once into memory as uint8; the
+training loop draws batch `s` from them as a pure function of (seed, s)
+(`cnn.training.batches`). Augmentation (pad-and-crop, flip) and mean
 subtraction run on the device inside the jitted step (`cnn.data.augment`).
 
 Large datasets (ImageNet) stream through tf.data with the standard random
@@ -301,52 +299,6 @@ def pixel_mean(images: np.ndarray, mode: str) -> np.ndarray:
     raise DataError(f"mean_subtraction='{mode}' is unknown; use per_pixel, "
                     'per_channel or none')
   return mean.astype(np.float32)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng((seed, epoch)).permutation(n)
-
-
-class TrainBatches:
-  """Deterministic training batches: `batch(step)` depends on (seed, step) only.
-
-  Batches run across epoch boundaries, so every batch is full and every
-  example is seen once per epoch.
-  """
-
-  def __init__(self, data: ArrayData, batch_size: int, seed: int):
-    """`data` needs a length for `indices` and `batch(indices)` for
-    `batch` (an ArrayData, detection canvases, ...)."""
-    if batch_size > len(data):
-      raise DataError(f'batch_size={batch_size} exceeds the {len(data)} '
-                      'training examples; lower --config.batch_size')
-    self.data = data
-    self.batch_size = batch_size
-    self.seed = seed
-    self._perm_cache: dict[int, np.ndarray] = {}
-
-  def _perm(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perm_cache:
-      # Two epochs are live at an epoch boundary; older ones are dropped.
-      for old in [e for e in self._perm_cache if e < epoch - 1]:
-        del self._perm_cache[old]
-      self._perm_cache[epoch] = epoch_permutation(self.seed, epoch,
-                                                  len(self.data))
-    return self._perm_cache[epoch]
-
-  def indices(self, step: int) -> np.ndarray:
-    n, bs = len(self.data), self.batch_size
-    epoch, offset = divmod(step * bs, n)
-    idx = self._perm(epoch)[offset:offset + bs]
-    if len(idx) < bs:  # The batch runs into the next epoch (bs <= n).
-      idx = np.concatenate([idx, self._perm(epoch + 1)[:bs - len(idx)]])
-    return idx
-
-  def batch(self, step: int) -> dict:
-    return self.data.batch(self.indices(step))
-
-  def epoch_of(self, step: int) -> float:
-    return step * self.batch_size / len(self.data)
 
 
 def eval_batches(data: ArrayData, batch_size: int) -> Iterator[dict]:

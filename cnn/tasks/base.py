@@ -1,4 +1,5 @@
-"""What a task supplies to the one training loop (`cnn.training.loop`).
+"""What a task supplies to the one training loop (`cnn.training.loop`, handed
+the task by `cnn.runs`).
 
 A task is what differs between, say, classification and detection: its
 config checks, its data, its model, its loss and its evaluation. The loop
@@ -21,7 +22,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from cnn.errors import ConfigError
-from cnn.training import metric_writers
 from cnn.training import transfer
 
 SPLITS = ('val', 'test')
@@ -37,9 +37,9 @@ class Task:
     metric_mode: 'min' (an error) or 'max' (mAP).
     log_keys: train metrics shown on the console progress line.
     eval_keys: held-out metrics shown on the console after an evaluation.
-    compiler_options: XLA options of the train step: 'default' takes
-      `cnn.training.step.default_compiler_options()` (on CPU without XLA's
-      fusion pass, measured faster for the ResNets), None XLA's own.
+    compiler_options: XLA options of the train step: 'default' takes the
+      run's numerics' (`cnn.ops.compiler.train_step_options`: the config's
+      convolution engine and fusion setting on CPU), None XLA's own.
   """
   name = ''
   metric = 'error'
@@ -100,12 +100,6 @@ class Task:
   def picture(self, model, variables: dict, data, path: str) -> None:
     """Draws predictions on held-out images to a PNG (optional)."""
     raise ConfigError(f"task '{self.name}' draws no pictures")
-
-
-def format_metrics(result: dict, keys) -> str:
-  """`error 34.12% loss 1.023`: rates in percent (`format_value`)."""
-  return ' '.join(f'{k} {metric_writers.format_value(k, result[k])}'
-                  for k in keys if k in result)
 
 
 def unknown_value(field: str, value: Any, choices) -> ConfigError:

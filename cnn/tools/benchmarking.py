@@ -21,10 +21,12 @@ import numpy as np
 
 from cnn import models
 from cnn.data import input_pipeline
+from cnn.ops import compiler
 from cnn.ops import conv as conv_ops
 from cnn.ops import onednn
 from cnn.tasks.classification import task as classification
 from cnn.tools import summary
+from cnn.training import batches as batches_lib
 from cnn.training import optim
 from cnn.training import state as state_lib
 from cnn.training import step as step_lib
@@ -152,7 +154,8 @@ def jax_setup(config, batch_size: int, eval_batch_size: int,
     batch_size: training batch.
     eval_batch_size: evaluation batch.
     dtype: 'float32' or 'bfloat16'; None takes `config.dtype`.
-    compiler_options: passed to `cnn.training.step.make_train_step`.
+    compiler_options: passed to `cnn.training.step.make_train_step`;
+      'default' takes a run's (`cnn.ops.compiler.train_step_options`).
     mean: training mean; zeros of the image shape when None.
   """
   name = config.model
@@ -168,6 +171,8 @@ def jax_setup(config, batch_size: int, eval_batch_size: int,
   loss_fn = classification.make_loss_fn(
       model, mean, augment=config.get('augment', 'crop_flip'),
       pad=config.get('pad', 4), dtype=dtype)
+  if compiler_options == 'default':
+    compiler_options = compiler.train_step_options()
   train_step = step_lib.make_train_step(loss_fn, tx, schedule,
                                         compiler_options=compiler_options)
   eval_step = classification.make_eval_step(model, mean, dtype)
@@ -192,7 +197,7 @@ def pipeline_rate(data: input_pipeline.ArrayData, batch_size: int,
                   num_batches: int, put: Callable = jax.device_put) -> float:
   """Images/s of the training input pipeline alone: `TrainBatches.batch`
   (index a seeded permutation, gather uint8) plus the host->device copy."""
-  batches = input_pipeline.TrainBatches(data, batch_size, seed=0)
+  batches = batches_lib.TrainBatches(data, batch_size, seed=0)
   jax.block_until_ready(put(batches.batch(0)))  # First-touch costs.
   t = time.perf_counter()
   for step in range(1, num_batches + 1):

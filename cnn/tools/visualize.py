@@ -326,12 +326,12 @@ def _class_names(config) -> list[str] | None:
 
 
 def _load(workdir: str, checkpoint: str, split: str):
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  config = loop.load_config(workdir)
+  from cnn import runs  # pylint: disable=g-import-not-at-top
+  config = runs.load_config(workdir)
   if config.task != 'classification':
     raise ConfigError(f"{workdir} is a {config.task} run; visualize shows "
                       'classification runs only')
-  run, state, step = loop.restore_run(workdir, checkpoint)
+  run, state, step = runs.restore_run(workdir, checkpoint)
   if split not in run.data.evals:
     raise ConfigError(f"split '{split}' is not held out in this run; choose "
                       f'one of {sorted(run.data.evals)}')

@@ -1,10 +1,12 @@
-"""`train_and_evaluate(config, workdir)`: the one training loop, every task.
+"""`train(run, workdir)`: the one training loop, every task.
 
-`config.task` picks the task (`cnn.tasks`); the task supplies its data,
-model, loss and evaluation, and this loop does the rest for all of them:
-schedules and the plateau cut, weight decay, init_from / freeze, the data
-mesh, the NaN guard, checkpoints (last N + best by the task's held-out
-metric), exact resume, metrics.jsonl / TensorBoard / the progress line.
+It is handed a `Run` (`cnn.runs`: the config's task, its data, model,
+optimizer, step, checkpointer and numerics) and does the rest for every task
+alike: resume or start, the batch order (`cnn.training.batches`), the steps,
+and the side jobs as hooks in the manner of detectron2's `HookBase`
+(`Hook`): the train log and NaN guard, evaluation and the plateau cut,
+checkpoints, console progress, Ctrl-C / SIGTERM. It imports no task, no
+convolution and no dataset.
 
 Resumable and deterministic: the batch, the augmentation and the dropout of
 step `s` depend only on (seed, s), evaluation and checkpoint steps are fixed
@@ -14,9 +16,7 @@ numbers as an uninterrupted run (on CPU, where XLA is deterministic).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -25,63 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnn import tasks
-from cnn.data import input_pipeline
-from cnn.errors import ConfigError, NonFiniteLossError, UserError
-from cnn.ops import conv as conv_ops
-from cnn.tasks import base
-from cnn.training import checkpointing
+from cnn.errors import NonFiniteLossError, UserError
+from cnn.training import batches
 from cnn.training import console
+from cnn.training import metric_writers
 from cnn.training import optim
 from cnn.training import provenance
 from cnn.training import run_folder
 from cnn.training import sharding
-from cnn.training import state as state_lib
-from cnn.training import step as step_lib
-from cnn.training import transfer
-
-# The step's numerics (configs/common.py).
-NUMERICS = ('conv', 'conv_weight_grad', 'xla_cpu_conv', 'xla_cpu_fusion')
-REQUIRED_FIELDS = NUMERICS + (
-    'task', 'batch_size', 'num_train_steps', 'seed', 'learning_rate',
-    'lr_schedule', 'weight_decay', 'momentum', 'eval_every_steps',
-    'checkpoint_every_steps')
-
-
-def validate_config(config, task) -> None:
-  """Raises ConfigError (one line) for values that cannot work."""
-  missing = [f for f in REQUIRED_FIELDS if f not in config]
-  if missing:
-    raise ConfigError(f'config lacks fields {missing}; start from a config in '
-                      'configs/')
-  for field in ('batch_size', 'eval_every_steps', 'checkpoint_every_steps',
-                'log_every_steps'):
-    if field in config and int(config[field]) < 1:
-      raise ConfigError(f'{field}={config[field]} must be a positive integer')
-  if int(config.num_train_steps) < 0:
-    raise ConfigError(f'num_train_steps={config.num_train_steps} must be >= 0 '
-                      '(0: evaluate only)')
-  if not 0 <= int(config.seed) < 2**31:
-    raise ConfigError(f'seed={config.seed} must be an integer in [0, 2**31), '
-                      'e.g. --config.seed=0')
-  optim.validate(config)
-  task.validate()
-  # The step's numerics (config.conv, conv_weight_grad, xla_cpu_conv,
-  # xla_cpu_fusion; entered while a run's steps are built and traced): a bad
-  # value, or conv='onednn' where it cannot run, is refused here, before
-  # anything runs.
-  with numerics(config):
-    pass
-
-
-@contextlib.contextmanager
-def numerics(config):
-  """The context a run's steps are built and traced in: its config's
-  convolution and fusion settings (configs/common.py)."""
-  with conv_ops.settings(config.conv, config.conv_weight_grad,
-                         config.xla_cpu_conv), \
-      step_lib.fusion(config.xla_cpu_fusion):
-    yield
 
 
 def log_interval(config) -> int:
@@ -94,134 +45,6 @@ def log_interval(config) -> int:
   return math.gcd(int(config.get('log_every_steps', 100)),
                   int(config.eval_every_steps),
                   int(config.checkpoint_every_steps))
-
-
-def monitor_split(config, evals: dict) -> str | None:
-  """The held-out split whose metric picks the best checkpoint and drives
-  the plateau schedule."""
-  if config.lr_schedule == 'plateau':
-    monitor = config.plateau.monitor
-    if monitor not in evals:
-      raise ConfigError(
-          f"plateau.monitor='{monitor}' is not a held-out split of this run "
-          f"(it has {', '.join(sorted(evals)) or 'none'}); set "
-          '--config.plateau.monitor to one of them')
-    return monitor
-  return 'val' if 'val' in evals else ('test' if 'test' in evals else None)
-
-
-class Run:
-  """Task, data, model, optimizer, step and checkpointer of one config;
-  shared by the training loop and by the evaluation of a finished run."""
-
-  def __init__(self, config, workdir: str, read_only: bool = False,
-               train: bool = True):
-    # Before anything that starts JAX's backend (validate_config asks it for
-    # the platform), which `jax.distributed.initialize` must precede.
-    sharding.maybe_initialize_distributed()
-    self.task = tasks.get(config)
-    validate_config(config, self.task)
-    self.config = config
-    self.workdir = workdir
-    self.mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.batch_size, self.mesh)
-    if 'eval_batch_size' in config:
-      sharding.check_batch_size(config.eval_batch_size, self.mesh,
-                                'eval_batch_size')
-    self.data = self.task.load_data(workdir, train=train)
-    self.monitor = monitor_split(config, self.data.evals)
-    self.model = self.task.make_model(self.data)
-    self.tx = optim.make_optimizer(config)
-    self.schedule = optim.make_schedule(config)
-    self.step_model, self.frozen = self.model, None
-    spec = self.task.freeze_spec()
-    if spec:
-      self._freeze(spec)
-    self._train_step = None
-    self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, 'checkpoints'),
-        keep=config.get('keep_checkpoints', 2),
-        best_mode=self.task.metric_mode, read_only=read_only)
-
-  def _init_variables(self, rng):
-    return self.task.init_variables(self.model, self.data, rng)
-
-  def _freeze(self, spec: str):
-    """Masks, optimizer partition and BN wrapper for a freeze spec."""
-    shapes = jax.eval_shape(self._init_variables, jax.random.PRNGKey(0))
-    masks = transfer.freeze_masks(spec, shapes['params'],
-                                  shapes.get('batch_stats', {}))
-    self.tx = transfer.freeze_optimizer(self.tx, masks[0])
-    self.step_model = transfer.FrozenBatchNorm(
-        self.model, transfer.frozen_modules(masks[1]))
-    self.frozen = masks
-
-  def numerics(self):
-    """The context the run's steps are built and traced in (`numerics`)."""
-    return numerics(self.config)
-
-  def train_step(self, state, batch):
-    with self.numerics():
-      if self._train_step is None:
-        self._train_step = step_lib.make_train_step(
-            self.task.loss_fn(self.step_model, self.data), self.tx,
-            self.schedule, frozen=self.frozen,
-            compiler_options=self.task.compiler_options)
-      return self._train_step(state, batch)
-
-  def init_state(self):
-    state = state_lib.create(self._init_variables, self.tx, self.config.seed)
-    return sharding.replicate(state, self.mesh)
-
-  def abstract_state(self):
-    """Shapes, dtypes and shardings of the train state, nothing computed."""
-    abstract = jax.eval_shape(
-        lambda: state_lib.create(self._init_variables, self.tx,
-                                 self.config.seed))
-    replicated = jax.sharding.NamedSharding(self.mesh,
-                                            jax.sharding.PartitionSpec())
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        abstract)
-
-  def load_init_from(self, state):
-    """`state` with params and batch_stats from `config.init_from`."""
-    params, batch_stats, message = self.task.load_init_from(
-        self.config.init_from, jax.device_get(state.params),
-        jax.device_get(state.batch_stats))
-    print(message, flush=True)
-    state = state.replace(params=params, batch_stats=batch_stats,
-                          opt_state=self.tx.init(params))
-    return sharding.replicate(state, self.mesh)
-
-  def meta(self, state) -> dict:
-    meta = dict(self.task.meta())
-    meta['task'] = self.task.name
-    meta['param_shapes'] = checkpointing.param_shapes(state.params)
-    # What a resume is checked against where config.json is gone.
-    meta['config'] = run_folder.as_json(self.config)
-    return meta
-
-  def restore(self, state, which='latest'):
-    step = self.checkpointer.resolve(which)
-    restored = self.checkpointer.restore(step, state, meta=self.meta(state))
-    return sharding.replicate(restored, self.mesh)
-
-  def shard(self, batch: dict) -> dict:
-    """This process's part of a global host batch, on the mesh."""
-    if jax.process_count() > 1:
-      n = len(next(iter(jax.tree.leaves(batch)))) // jax.process_count()
-      i = jax.process_index()
-      batch = jax.tree.map(lambda v: v[i * n:(i + 1) * n], batch)
-    return sharding.shard_batch(batch, self.mesh)
-
-  def evaluate(self, state, split: str, final: bool = False) -> dict:
-    if split not in self.data.evals:
-      raise ConfigError(f"split '{split}' is not held out in this run; "
-                        f'choose one of {sorted(self.data.evals)}')
-    with self.numerics():
-      return self.task.evaluate(self.model, state.variables, self.data,
-                                split, final=final, shard=self.shard)
 
 
 def _check_finite(window: list, first_step: int, checkpointer,
@@ -293,335 +116,281 @@ class _Clock:
     return {} if self._base is None else {'wall_seconds': self.seconds()}
 
 
-def _interrupt(run, state, s: int, window: list, window_start: int, signum,
-               clock: _Clock):
-  """Saves step `s` (with the steps since the last log point, so the
-  resumed run logs the same averages) and stops with one line."""
-  ckpt = run.checkpointer
-  if ckpt.latest_step() != s:
-    if window:
-      _check_finite(window, window_start, ckpt)
-    _check_finite_params(state, s, ckpt)
-    meta = clock.stamp(run.meta(state))
-    meta['window'] = {'start': window_start, 'metrics': [
-        {k: float(v) for k, v in m.items()} for m in jax.device_get(window)]}
-    ckpt.save(s, state, meta)
-  name = signal.Signals(signum).name
-  raise Interrupted(f'{name} at step {s}: checkpoint {s} saved in '
-                    f'{ckpt.directory}; rerun the same command to resume')
-
-
 def _logged(result: dict) -> dict:
   """A result's metrics for metrics.jsonl: 'examples' is a count."""
   return {k: v for k, v in result.items() if k != 'examples'}
 
 
-def _print_eval(task, results: dict, seconds: float) -> None:
-  print('  eval ' + ' | '.join(
-      f'{split} {base.format_metrics(r, task.eval_keys)}'
-      for split, r in results.items()) + f' ({seconds:.1f}s)', flush=True)
+class Hook:
+  """A side job of the loop. `before_step(t)` runs before step `t.s + 1` is
+  dispatched, `after_step(t)` once it is (`t.s` steps done); hooks run in
+  the order the loop lists them and share the loop's state (`Trainer`)."""
+
+  def before_step(self, t: 'Trainer') -> None:
+    pass
+
+  def after_step(self, t: 'Trainer') -> None:
+    pass
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains the config's task in `workdir`, evaluating and checkpointing.
+class FirstStep(Hook):
+  """Says that the step compiles, and how long the first one took."""
 
-  The folder is locked for the run (one line naming the holder's pid when
-  another process trains there); a run already in it is resumed only with
-  the config it was trained with (`run_folder.resume_check`), and with the
-  numerics choices it recorded (`run_folder.read_numerics`). Ctrl-C or
-  SIGTERM saves the current step and raises `Interrupted`; a full disk is
-  one line, the checkpoints written before it kept; a closed stdout only
-  ends the console lines.
+  def __init__(self):
+    self.done = False
 
-  Args:
-    config: a ConfigDict as built by `configs/*.py` (with `task`).
-    workdir: run folder: checkpoints/, metrics.jsonl, tensorboard/,
-      config.json. An existing run there is resumed.
+  def before_step(self, t):
+    if not self.done:
+      print(console.COMPILING, flush=True)
+
+  def after_step(self, t):
+    if not self.done:
+      jax.block_until_ready(t.state.step)
+      print(f'step {t.s}/{t.total}: compiled and ran the first step in '
+            f'{time.perf_counter() - t.t_start:.1f}s', flush=True)
+      t.progress.reset_clock(t.s)
+      self.done = True
+
+
+class TrainLog(Hook):
+  """At log points: the NaN guard on the steps since the last one, their
+  mean metrics into metrics.jsonl and the progress line."""
+
+  def after_step(self, t):
+    s = t.s
+    if s % t.log_every == 0 or t.is_eval() or t.is_checkpoint():
+      host = jax.device_get(t.window)  # one transfer per log point
+      _check_finite(host, t.window_start, t.run.checkpointer)
+      # The loss first, then the task's metrics (sorted, as jit returns).
+      keys = ['loss'] + [k for k in host[0]
+                         if k not in ('loss', 'learning_rate')]
+      means = {k: float(np.mean([m[k] for m in host])) for k in keys}
+      lr = float(host[-1]['learning_rate'])
+      t.writer.write(s, 'train', learning_rate=lr, epoch=t.epoch_of(s),
+                     **means, **t.clock.fields())
+      t.progress.log(s, **{k: means[k] for k in t.run.task.log_keys}, lr=lr)
+      t.window, t.window_start = [], s
+
+
+class Evaluate(Hook):
+  """At eval points: every held-out split, then the plateau cut."""
+
+  def after_step(self, t):
+    if not t.is_eval():
+      return
+    t.evaluate_all(final=t.s == t.total)
+    config, run = t.run.config, t.run
+    if config.lr_schedule == 'plateau':
+      metric = t.last_eval[run.monitor][run.task.metric]
+      # plateau_update lowers the rate when its metric stops falling.
+      signed = metric if run.task.metric_mode == 'min' else -metric
+      state = t.state.replace(plateau=optim.plateau_update(
+          jax.device_get(t.state.plateau), signed, config))
+      t.state = sharding.replicate(state, run.mesh)
+    t.progress.reset_clock(t.s)
+
+
+class Checkpoint(Hook):
+  """At checkpoint points: a finite state, saved with the held-out metric
+  that picks the best checkpoint."""
+
+  def after_step(self, t):
+    if not t.is_checkpoint():
+      return
+    run = t.run
+    _check_finite_params(t.state, t.s, run.checkpointer)
+    metric = (t.last_eval[run.monitor][run.task.metric]
+              if t.is_eval() and run.monitor else None)
+    run.checkpointer.save(t.s, t.state, t.clock.stamp(run.meta(t.state)),
+                          metric=metric)
+
+
+class Progress(Hook):
+  """Flushes the metric files; a console line when the last is ~30 s old."""
+
+  def after_step(self, t):
+    t.writer.flush()
+    t.progress.tick(t.s, lambda: jax.block_until_ready(t.state.step))
+
+
+class Interrupt(Hook):
+  """Ctrl-C or SIGTERM: saves step `s` with the steps since the last log
+  point (so the resumed run logs the same averages) and stops with one
+  line."""
+
+  def __init__(self, stop: console.StopRequest):
+    self.stop = stop
+
+  def before_step(self, t):
+    self.stop.step = t.s + 1  # the step a Ctrl-C now saves
+
+  def after_step(self, t):
+    if self.stop.signal is None or t.s >= t.total:
+      return
+    ckpt, s = t.run.checkpointer, t.s
+    if ckpt.latest_step() != s:
+      if t.window:
+        _check_finite(t.window, t.window_start, ckpt)
+      _check_finite_params(t.state, s, ckpt)
+      meta = t.clock.stamp(t.run.meta(t.state))
+      meta['window'] = {'start': t.window_start, 'metrics': [
+          {k: float(v) for k, v in m.items()}
+          for m in jax.device_get(t.window)]}
+      ckpt.save(s, t.state, meta)
+    name = signal.Signals(self.stop.signal).name
+    raise Interrupted(f'{name} at step {s}: checkpoint {s} saved in '
+                      f'{ckpt.directory}; rerun the same command to resume')
+
+
+class Trainer:
+  """The loop's state: the run, the train state, the step `s` (steps done),
+  the train-log window, the last evaluation, the writers and the clock."""
+
+  def __init__(self, run, workdir: str):
+    self.run, self.workdir = run, workdir
+    config = run.config
+    self.total = int(config.num_train_steps)
+    self.log_every = log_interval(config)
+    self.primary = sharding.is_primary()
+    self.state, self.s, saved_meta = self._start()
+    self.window, self.window_start = [], self.s
+    if saved_meta is not None:
+      self.window, self.window_start = _saved_window(saved_meta, self.s)
+    self.writer = (metric_writers.MetricWriter(
+        workdir, resume_step=self.s, tensorboard=config.tensorboard)
+                   if self.primary else metric_writers.NullWriter())
+    self.progress = metric_writers.Progress(self.total, self.s,
+                                            config.batch_size)
+    self.clock = _Clock(saved_meta)
+    self.last_eval: dict = {}
+    self.t_start = time.perf_counter()
+    self._batches()
+
+  def _start(self):
+    """(state, step, checkpoint meta or None): the run resumed from its
+    latest checkpoint (checked against the config it was trained with),
+    or started fresh (from `init_from` where set)."""
+    run, workdir, config = self.run, self.workdir, self.run.config
+    saved = run_folder.read_config(workdir)
+    latest = run.checkpointer.latest_step()
+    start, meta = 0, None
+    if latest is not None:
+      if saved is None:  # config.json is gone: the checkpoint carries it.
+        saved = run_folder.config_of_checkpoint(
+            run.checkpointer.read_meta(latest), workdir, latest)
+      # Before anything is written: a resumed run is the run on disk.
+      for note in run_folder.resume_check(saved, config, latest):
+        print(f'resuming with {note}', flush=True)
+      # Restored straight into the abstract state: no init to compile.
+      state = run.restore(run.abstract_state(), 'latest')
+      start = int(state.step)
+      meta = run.checkpointer.read_meta(start)
+      print(f'resuming from step {start} in {workdir}', flush=True)
+    else:
+      state = run.init_state()
+      if config.init_from:
+        # Only a fresh run starts from another run's weights; a resumed one
+        # continues from its own checkpoint above.
+        state = run.load_init_from(state)
+    if self.primary and (latest is None or start < self.total):
+      # A rerun that trains nothing leaves the record as it is.
+      run_folder.write_config(workdir, config,
+                              saved if latest is not None else None)
+    return state, start, meta
+
+  def _batches(self):
+    data, config = self.run.data, self.run.config
+    if self.s >= self.total:
+      return
+    if data.train is not None:
+      order = batches.TrainBatches(data.train, config.batch_size, config.seed)
+      self.next_batch = lambda s: data.train.batch(order.indices(s))
+      self.epoch_of = order.epoch_of
+    else:
+      stream = iter(data.train_stream)
+      self.next_batch = lambda _: next(stream)
+      self.epoch_of = lambda _: 0.0
+
+  def is_eval(self) -> bool:
+    return (self.s % self.run.config.eval_every_steps == 0
+            or self.s == self.total)
+
+  def is_checkpoint(self) -> bool:
+    return (self.s % self.run.config.checkpoint_every_steps == 0
+            or self.s == self.total)
+
+  def evaluate_all(self, final: bool) -> dict:
+    t_eval = time.perf_counter()
+    results = {}
+    for split in self.run.data.evals:
+      results[split] = self.run.evaluate(self.state, split, final=final)
+      self.writer.write(self.s, split, **_logged(results[split]),
+                        **self.clock.fields())
+    keys = self.run.task.eval_keys
+    print('  eval ' + ' | '.join(
+        f'{split} {metric_writers.format_metrics(r, keys)}'
+        for split, r in results.items())
+          + f' ({time.perf_counter() - t_eval:.1f}s)', flush=True)
+    self.last_eval = results
+    return results
+
+  def loop(self, hooks: list[Hook]) -> None:
+    """The steps from `s` to the end, each hook around each step."""
+    run = self.run
+    batch = run.shard(self.next_batch(self.s)) if self.s < self.total else None
+    for step in range(self.s, self.total):
+      for h in hooks:
+        h.before_step(self)
+      self.state, metrics = run.train_step(self.state, batch)
+      self.window.append(metrics)
+      self.s = step + 1
+      if self.s < self.total:
+        # Prepared while the device runs the step just dispatched.
+        batch = run.shard(self.next_batch(self.s))
+      for h in hooks:
+        h.after_step(self)
+
+
+def train(run, workdir: str) -> dict:
+  """Trains `run` (a `cnn.runs.Run`) in `workdir` to
+  `config.num_train_steps`, resuming the run there; the caller holds the
+  folder (`cnn.runs.train_and_evaluate`).
 
   Returns:
     The last evaluation's metrics by split, e.g. {'test': {'error': ...}}.
   """
-  # A multi-host run joins its peers first: validate_config starts JAX's
-  # backend, after which `jax.distributed.initialize` refuses to run.
-  sharding.maybe_initialize_distributed()
-  # A config that cannot work is refused before anything is created.
-  validate_config(config, tasks.get(config))
-  run_folder.prepare(workdir)
-  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
-  # One writer per folder: process 0 of a multi-host run holds the lock.
-  with (run_folder.lock(workdir) if sharding.is_primary()
-        else contextlib.nullcontext()), metric_writers.console_may_close(
-            workdir):
-    try:
-      with _recorded_numerics(workdir):
-        return _train_and_evaluate(config, workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      if isinstance(e, UserError) or not checkpointing.is_disk_full(e):
-        raise
-      steps = run_folder.checkpoint_steps(workdir)
-      kept = (f'it resumes from step {steps[-1]}' if steps
-              else 'no checkpoint had been written')
-      raise UserError(f'disk full while writing {workdir} ({e}); free some '
-                      f'space and rerun the same command: {kept}') from None
-
-
-def _recorded_numerics(workdir: str):
-  """The run's convolution chunk counts (numerics.json), held while it
-  trains; a count chosen for a new shape is recorded before its step runs."""
-  record = run_folder.read_numerics(workdir)
-  chunks = record.setdefault('conv_weight_grad_chunks', {})
-  save = ((lambda _: run_folder.write_numerics(workdir, record))
-          if sharding.is_primary() else None)
-  return conv_ops.run_plan(chunks, save)
-
-
-def _train_and_evaluate(config, workdir: str) -> dict:
-  # Local import: metric writing pulls in TensorFlow's summary ops.
-  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
-  if sharding.is_primary():  # the data may take minutes to read
-    print(console.data_line(config), flush=True)
-  run = Run(config, workdir)
   if jax.process_count() > 1:
     print(f'multi-host: process {jax.process_index()} of '
           f'{jax.process_count()}, {jax.device_count()} devices in all '
           f'({jax.local_device_count()} here)', flush=True)
-  task = run.task
-  total = int(config.num_train_steps)
-  with run.numerics():
-    convolution = conv_ops.describe()
+  convolution = run.convolution()
   if sharding.is_primary():
     print(f'convolution: {convolution}', flush=True)
-  saved = run_folder.read_config(workdir)
-  start, window, window_start = 0, [], 0
-  latest = run.checkpointer.latest_step()
-  saved_meta = None
-  if latest is not None:
-    if saved is None:  # config.json is gone: the checkpoint carries it.
-      saved = run_folder.config_of_checkpoint(
-          run.checkpointer.read_meta(latest), workdir, latest)
-    # Before anything is written: a resumed run is the run on disk.
-    for note in run_folder.resume_check(saved, config, latest):
-      print(f'resuming with {note}', flush=True)
-    # Restored straight into the abstract state: no init to compile.
-    state = run.restore(run.abstract_state(), 'latest')
-    start = int(state.step)
-    saved_meta = run.checkpointer.read_meta(start)
-    window, window_start = _saved_window(saved_meta, start)
-    print(f'resuming from step {start} in {workdir}', flush=True)
-  else:
-    state = run.init_state()
-    if config.get('init_from', ''):
-      # Only a fresh run starts from another run's weights; a resumed one
-      # continues from its own checkpoint above.
-      state = run.load_init_from(state)
-  primary = sharding.is_primary()
-  if primary and (latest is None or start < total):
-    # A rerun that trains nothing leaves the record as it is.
-    run_folder.write_config(workdir, config,
-                            saved if latest is not None else None)
-
-  log_every = log_interval(config)
-  writer = (metric_writers.MetricWriter(
-      workdir, resume_step=start, tensorboard=config.get('tensorboard', True))
-            if primary else metric_writers.NullWriter())
-  progress = metric_writers.Progress(total, start, config.batch_size)
-  if start < total:
-    if run.data.train is not None:
-      batches = input_pipeline.TrainBatches(run.data.train, config.batch_size,
-                                            config.seed)
-      next_batch = lambda s: run.data.train.batch(batches.indices(s))
-      epoch_of = batches.epoch_of
-    else:
-      stream = iter(run.data.train_stream)
-      next_batch = lambda _: next(stream)
-      epoch_of = lambda _: 0.0
-
-  clock = _Clock(saved_meta)
-  if primary and start < total:
-    was = provenance.start_sitting(workdir, start, convolution)
+  t = Trainer(run, workdir)
+  training = t.s < t.total
+  if t.primary and training:
+    was = provenance.start_sitting(workdir, t.s, convolution)
     if was:
       print(f'resuming with another convolution: {was} -> {convolution} '
             '(the steps from here differ by float32 rounding)', flush=True)
-    for note in optim.schedule_notes(config):  # a warning: on stderr
+    for note in optim.schedule_notes(run.config):  # a warning: on stderr
       print(f'schedule: {note}', file=sys.stderr, flush=True)
-
-  def evaluate_all(s: int, final: bool) -> dict:
-    t_eval = time.perf_counter()
-    results = {}
-    for split in run.data.evals:
-      results[split] = run.evaluate(state, split, final=final)
-      writer.write(s, split, **_logged(results[split]), **clock.fields())
-    _print_eval(task, results, time.perf_counter() - t_eval)
-    return results
-
-  last_eval: dict = {}
-  batch = run.shard(next_batch(start)) if start < total else None
-  compiled = False
-  t_start = time.perf_counter()
   stop = console.StopRequest()
   try:
     stop.__enter__()
-    if total == 0:
+    if t.total == 0:
       # An evaluation-only run (e.g. localization's `both` stage).
-      last_eval = evaluate_all(0, final=True)
+      t.evaluate_all(final=True)
       if run.checkpointer.latest_step() is None:
-        run.checkpointer.save(0, state, clock.stamp(run.meta(state)))
-    for step in range(start, total):
-      stop.step = step + 1  # the step a Ctrl-C now saves
-      if not compiled:
-        print(console.COMPILING, flush=True)
-      state, metrics = run.train_step(state, batch)
-      window.append(metrics)
-      s = step + 1
-      if s < total:
-        # Prepared while the device runs the step just dispatched.
-        batch = run.shard(next_batch(s))
-      if not compiled:
-        jax.block_until_ready(state.step)
-        print(f'step {s}/{total}: compiled and ran the first step in '
-              f'{time.perf_counter() - t_start:.1f}s', flush=True)
-        progress.reset_clock(s)
-        compiled = True
-      is_eval = s % config.eval_every_steps == 0 or s == total
-      is_ckpt = s % config.checkpoint_every_steps == 0 or s == total
-      if s % log_every == 0 or is_eval or is_ckpt:
-        host = jax.device_get(window)  # one transfer per log point
-        _check_finite(host, window_start, run.checkpointer)
-        # The loss first, then the task's metrics (sorted, as jit returns).
-        keys = ['loss'] + [k for k in host[0]
-                           if k not in ('loss', 'learning_rate')]
-        means = {k: float(np.mean([m[k] for m in host])) for k in keys}
-        lr = float(host[-1]['learning_rate'])
-        writer.write(s, 'train', learning_rate=lr, epoch=epoch_of(s),
-                     **means, **clock.fields())
-        progress.log(s, **{k: means[k] for k in task.log_keys}, lr=lr)
-        window, window_start = [], s
-      if is_eval:
-        last_eval = evaluate_all(s, final=s == total)
-        if config.lr_schedule == 'plateau':
-          metric = last_eval[run.monitor][task.metric]
-          # plateau_update lowers the rate when its metric stops falling.
-          signed = metric if task.metric_mode == 'min' else -metric
-          state = state.replace(plateau=optim.plateau_update(
-              jax.device_get(state.plateau), signed, config))
-          state = sharding.replicate(state, run.mesh)
-        progress.reset_clock(s)
-      if is_ckpt:
-        _check_finite_params(state, s, run.checkpointer)
-        metric = (last_eval[run.monitor][task.metric]
-                  if is_eval and run.monitor else None)
-        run.checkpointer.save(s, state, clock.stamp(run.meta(state)),
-                              metric=metric)
-      writer.flush()
-      # Between log points: a line when the last is ~30 s old.
-      progress.tick(s, lambda: jax.block_until_ready(state.step))
-      if stop.signal is not None and s < total:
-        _interrupt(run, state, s, window, window_start, stop.signal, clock)
+        run.checkpointer.save(0, t.state, t.clock.stamp(run.meta(t.state)))
+    t.loop([FirstStep(), TrainLog(), Evaluate(), Checkpoint(), Progress(),
+            Interrupt(stop)])
   finally:
     stop.__exit__()
     run.checkpointer.close()
-    writer.close()
-    if primary and start < total:
-      provenance.end_sitting(workdir, int(jax.device_get(state.step)),
-                             clock.fields().get('wall_seconds'))
-  return last_eval
+    t.writer.close()
+    if t.primary and training:
+      provenance.end_sitting(workdir, int(jax.device_get(t.state.step)),
+                             t.clock.fields().get('wall_seconds'))
+  return t.last_eval
 
-
-def load_config(workdir: str):
-  """The ConfigDict of a run folder's config.json."""
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  saved = run_folder.read_config(workdir)
-  if saved is None:
-    raise ConfigError(f'{os.path.join(workdir, "config.json")} not found: '
-                      '--workdir must be a training run folder')
-  config = config_dict.ConfigDict(saved)
-  for field in NUMERICS:
-    # Runs written before these fields existed (see run_folder.resume_check).
-    if field not in config:
-      config[field] = 'auto'
-  if 'task' not in config:
-    # Runs written before config.task existed.
-    config.task = ('detection' if 'kind' in config else
-                   'localization' if 'stage' in config else 'classification')
-  return config
-
-
-def restore_run(workdir: str, checkpoint: str | int = 'latest',
-                train: bool = False):
-  """(run, state, step) of a finished or running run's checkpoint."""
-  run = Run(load_config(workdir), workdir, read_only=True, train=train)
-  try:
-    step = run.checkpointer.resolve(checkpoint)
-    state = run.restore(run.abstract_state(), step)
-  finally:
-    run.checkpointer.close()
-  return run, state, step
-
-
-def _check_picture(path: str) -> None:
-  """ConfigError (one line) before anything is evaluated when the picture
-  cannot be written: its folder (made if missing) must lie in a writable
-  folder."""
-  folder = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise ConfigError(f'--picture={path} is a folder: name a PNG file, e.g. '
-                      f'{os.path.join(path, "picture.png")}')
-  existing = folder
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-    raise ConfigError(f'--picture={path}: {existing} is not a writable '
-                      'folder; name a PNG in a folder you can write')
-
-
-def evaluate_checkpoint(workdir: str, split: str = 'test',
-                        checkpoint: str | int = 'latest',
-                        picture: str | None = None,
-                        examples: int = 0) -> dict:
-  """Restores a run's checkpoint and evaluates it on one held-out split.
-
-  Args:
-    workdir: a run folder of any task.
-    split: a held-out split of the run ('test', 'val'), or 'train': the
-      run's own training images (in memory, after any val / class / per-class
-      selection) as the test images are seen, clean and in eval mode, which
-      measures the generalisation gap.
-    checkpoint: 'latest', 'best' or a step.
-    picture: where to draw the checkpoint's predictions on test images (a
-      PNG; localization and detection), or None.
-    examples: > 0: only the first this many examples of the split.
-
-  Returns:
-    The task's metrics, plus 'step' and 'task'.
-  """
-  if picture:
-    _check_picture(picture)
-  run, state, step = restore_run(workdir, checkpoint)
-  in_memory = isinstance(run.data.train, input_pipeline.ArrayData)
-  if split != 'train' and split not in run.data.evals:
-    raise ConfigError(f"split '{split}' is not held out in this run; "
-                      f'choose one of {sorted(run.data.evals)}'
-                      + (" or 'train'" if in_memory else ''))
-  if split == 'train':
-    if not in_memory:
-      raise ConfigError(f'{workdir}: --split=train works where the training '
-                        'images sit in memory (classification runs); use '
-                        'test or val')
-    run.data.evals = {**run.data.evals, 'train': run.data.train}
-  if examples:
-    held = run.data.evals[split]
-    if not isinstance(held, input_pipeline.ArrayData):
-      raise ConfigError(f'--examples needs a split held in memory; {split} '
-                        'streams: leave --examples unset')
-    if not 0 < examples <= len(held):
-      raise ConfigError(f'--examples={examples} must be between 1 and the '
-                        f'{len(held)} examples of {split}')
-    run.data.evals = {**run.data.evals, split: held.take(slice(0, examples))}
-  result = run.evaluate(state, split, final=True)
-  if picture:
-    os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
-    run.task.picture(run.model, state.variables, run.data, picture)
-  result['step'] = step
-  result['task'] = run.task.name
-  result['eval_keys'] = run.task.eval_keys
-  return result

@@ -272,3 +272,9 @@ def _hms(seconds: float) -> str:
     return '?'
   s = int(seconds)
   return f'{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}'
+
+
+def format_metrics(result: dict, keys) -> str:
+  """`error 34.12% loss 1.023`: rates in percent (`format_value`)."""
+  return ' '.join(f'{k} {format_value(k, result[k])}'
+                  for k in keys if k in result)

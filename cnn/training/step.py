@@ -5,90 +5,24 @@
 `loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))`
 (augmentation, the forward pass, targets and losses live there); the step
 owns the per-step key, the learning rate (schedule x plateau scale), the
-optimizer, frozen leaves and the compiler options. Under a device mesh the
+optimizer, frozen leaves and the compiler options it is given. Under a device mesh the
 batch is sharded over the `data` axis and the state replicated; BatchNorm
 then sees global batch statistics because jit partitions one global
 computation.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cnn.errors import ConfigError
-from cnn.ops import conv as conv_ops
 from cnn.training.state import TrainState
-
-# XLA:CPU's instruction fusion duplicates the elementwise residual stream
-# (BatchNorm -> add -> ReLU, block after block) into the transposes that feed
-# every weight-gradient convolution, so each transpose recomputes several
-# layers and the cost grows with depth. Whether the pass pays depends on the
-# convolution (measurements: results/speed/README.md): it is kept with
-# oneDNN's convolutions (FFI custom calls, no transposes to fuse into) and
-# with the chunked weight gradient on YNNPACK's, and dropped otherwise. That
-# is `auto`, the default of `config.xla_cpu_fusion`; `on` keeps XLA's pass,
-# `off` drops it; the arithmetic is the same either way.
-CPU_COMPILER_OPTIONS = {'xla_disable_hlo_passes': 'fusion'}
-FUSION_SETTINGS = ('auto', 'on', 'off')
-
-_fusion_override: list = []
-
-
-def _parse_fusion(value) -> str:
-  text = str(value).strip().lower()
-  if text not in FUSION_SETTINGS:
-    raise ConfigError(
-        f"xla_cpu_fusion={value!r} is not a fusion setting: use 'on' (XLA's "
-        "fusion pass), 'off' (none) or 'auto' (the default: the pass where "
-        'it measured faster), e.g. --config.xla_cpu_fusion=auto')
-  return text
-
-
-@contextlib.contextmanager
-def fusion(value):
-  """Within the block, train steps are built with this fusion setting
-  ('auto', 'on' or 'off'; a run enters `config.xla_cpu_fusion`); a
-  ConfigError (one line) on entry for another value."""
-  _fusion_override.append(_parse_fusion(value))
-  try:
-    yield
-  finally:
-    _fusion_override.pop()
-
-
-def current_fusion() -> bool:
-  """Whether the CPU train step keeps XLA's fusion pass: the setting
-  entered last (`fusion(...)`), 'auto' outside any: on with oneDNN's
-  convolutions or with the chunked weight gradient on YNNPACK's, off
-  otherwise."""
-  value = _fusion_override[-1] if _fusion_override else 'auto'
-  if value == 'auto':
-    if conv_ops.current_implementation() == 'onednn':
-      return True
-    return conv_ops.current_engine() == 'ynnpack' and conv_ops.may_chunk()
-  return value == 'on'
-
-
-def default_compiler_options() -> dict | None:
-  """XLA options of the train step on this backend (None: XLA's defaults):
-  on CPU the fusion setting above and the convolution engine
-  (`cnn.ops.conv.engine_compiler_options`)."""
-  if jax.default_backend() != 'cpu':
-    return None
-  options = dict(conv_ops.engine_compiler_options() or {})
-  if not current_fusion():
-    options.update(CPU_COMPILER_OPTIONS)
-  return options or None
-
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: Callable, *, frozen=None,
-                    compiler_options: dict | None | str = 'default'
-                    ) -> Callable:
+                    compiler_options: dict | None = None) -> Callable:
   """Builds the jitted train step of a task.
 
   Args:
@@ -100,16 +34,13 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     frozen: None, or (params_mask, stats_mask) of static bools
       (`transfer.freeze_masks`): the leaves marked True leave the step
       bit-identical (transfer learning with frozen layers).
-    compiler_options: XLA options; 'default' takes
-      `default_compiler_options()`, None XLA's own defaults.
+    compiler_options: XLA options (None: XLA's defaults); a run passes its
+      numerics' (`cnn.ops.compiler.train_step_options`).
 
   Returns:
     `(state, batch) -> (state, metrics)`, metrics = {'loss', the task's
     metrics..., 'learning_rate'}.
   """
-  if compiler_options == 'default':
-    compiler_options = default_compiler_options()
-
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, (metrics, model_state)), grads = jax.value_and_grad(

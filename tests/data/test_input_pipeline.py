@@ -5,6 +5,7 @@ import tensorflow_datasets as tfds
 
 from cnn.data import input_pipeline as ip
 from cnn.errors import DataError
+from cnn.training.batches import TrainBatches
 from tests.conftest import SHARED_TFDS, requires_cifar10_jpeg, small_config
 
 
@@ -16,14 +17,14 @@ def toy(n=10):
 
 def test_train_batches_cover_each_epoch_once_and_depend_only_on_step():
   data = toy(10)
-  b = ip.TrainBatches(data, batch_size=4, seed=3)
+  b = TrainBatches(data, batch_size=4, seed=3)
   first_two_epochs = np.concatenate([b.indices(s) for s in range(5)])
   assert sorted(first_two_epochs[:10]) == list(range(10))
   assert sorted(first_two_epochs[10:20]) == list(range(10))
   # A fresh object (a resumed run) gives the same batch for the same step.
-  again = ip.TrainBatches(data, batch_size=4, seed=3)
+  again = TrainBatches(data, batch_size=4, seed=3)
   np.testing.assert_array_equal(again.indices(3), b.indices(3))
-  other = ip.TrainBatches(data, batch_size=4, seed=4)
+  other = TrainBatches(data, batch_size=4, seed=4)
   assert not np.array_equal(other.indices(0), b.indices(0))
   batch = b.batch(2)
   np.testing.assert_array_equal(batch['label'], b.indices(2))

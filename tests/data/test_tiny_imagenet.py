@@ -8,7 +8,7 @@ import pytest
 
 from cnn.data import input_pipeline as ip
 from cnn.errors import ConfigError
-from cnn.training import loop
+from cnn import runs
 from configs import localization as loc_configs
 from configs import tiny_imagenet
 from tests.conftest import SHARED_TFDS, requires_shared
@@ -43,7 +43,7 @@ def test_reader_takes_the_boxes_along_and_names_the_classes():
 def test_classification_preset_trains_and_reports_top5(tmp_path):
   c = tiny_imagenet.get_config('resnet18_64,local')
   assert c.model_kwargs.to_dict() == {'num_filters': 16, 'stem_strides': 2}
-  loop.train_and_evaluate(c, str(tmp_path))
+  runs.train_and_evaluate(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   test = [r for r in rows if r['split'] == 'test']
   assert [r['step'] for r in test] == [2, 4]
@@ -68,7 +68,7 @@ def test_det_trunk_pretrained_at_32x32_fits_the_raccoon_detector(tmp_path):
   c = tiny_imagenet.get_config('det_trunk,local')
   assert c.image_size == 32 and not c.model_kwargs.to_dict()
   assert tiny_imagenet.get_config('resnet18_64,cpu').image_size == 0
-  loop.train_and_evaluate(c, str(tmp_path / 'pre'))
+  runs.train_and_evaluate(c, str(tmp_path / 'pre'))
   d = detection.get_config('fast_rcnn,raccoon')
   model, spec = model_lib.make_model(d, 1)
   task = det_task.DetectionTask(d)
@@ -86,7 +86,7 @@ def test_localization_on_real_boxes_end_to_end(tmp_path):
   c.train_examples = 128
   c.scales = (1.0, 1.25)
   run = str(tmp_path / 'run')
-  final = loop.train_and_evaluate(c, run)['test']
+  final = runs.train_and_evaluate(c, run)['test']
   for k in ('loc_error', 'loc_error_top5', 'dense_loc_error',
             'dense_loc_error_top5', 'mean_box_loc_error', 'oracle_loc_error',
             'top5_error'):
@@ -97,7 +97,7 @@ def test_localization_on_real_boxes_end_to_end(tmp_path):
   assert final['loc_error'] >= max(final['error'],
                                    final['oracle_loc_error']) - 1e-9
   picture = tmp_path / 'p.png'
-  loop.evaluate_checkpoint(run, picture=str(picture))
+  runs.evaluate_checkpoint(run, picture=str(picture))
   assert picture.stat().st_size > 5000
 
 
@@ -105,5 +105,5 @@ def test_localization_needs_images_of_the_canvas_size(tmp_path):
   c = loc_configs.get_config('local,tiny_imagenet')
   c.canvas, c.train_examples, c.test_examples = 32, 8, 8
   with pytest.raises(ConfigError, match='canvas=64'):
-    loop.train_and_evaluate(c, str(tmp_path / 'run'))
+    runs.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')

@@ -170,13 +170,13 @@ def test_train_steps_with_chunks_keep_the_math():
 
 
 def test_bad_policy_is_refused_before_the_run():
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
   c = small_config(conv_weight_grad='fastest')
   with pytest.raises(ConfigError, match='^conv_weight_grad=.fastest. is '
                      'not a weight-gradient policy'):
-    loop.validate_config(c, tasks.get(c))
+    runs.validate_config(c, tasks.get(c))
 
 
 def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
@@ -207,14 +207,14 @@ def test_eigen_engine_takes_convolutions_from_ynnpack_and_keeps_the_math():
 
 
 def test_bad_engine_is_one_line():
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from cnn import tasks  # pylint: disable=g-import-not-at-top
   from tests.conftest import small_config  # pylint: disable=g-import-not-at-top
   c = small_config(xla_cpu_conv='onednn')
   with pytest.raises(ConfigError, match="^xla_cpu_conv='onednn' is not "
                      "an XLA:CPU convolution engine: use 'auto', "
                      "'ynnpack' or 'eigen', e.g. --config.xla_cpu_conv=auto$"):
-    loop.validate_config(c, tasks.get(c))
+    runs.validate_config(c, tasks.get(c))
 
 
 def test_auto_engine_is_eigen_only_without_avx512(monkeypatch):

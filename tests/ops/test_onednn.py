@@ -15,7 +15,7 @@ from cnn.errors import ConfigError
 from cnn.ops import conv
 from cnn.ops import onednn
 from cnn.ops.native import build as native_build
-from cnn.training import loop
+from cnn import runs
 from tests.conftest import (assert_same_training, resnet8_after_steps,
                             run_script, small_config)
 
@@ -219,7 +219,7 @@ def test_a_bad_value_is_one_line():
 
 def _train(config, workdir, capsys):
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(config, str(workdir))
+    runs.train_and_evaluate(config, str(workdir))
   return capsys.readouterr().out
 
 

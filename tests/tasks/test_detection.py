@@ -15,10 +15,10 @@ import tensorflow_datasets as tfds
 from cnn.tasks.detection import inference
 from cnn.tasks.detection import losses
 from cnn.tasks.detection import model as model_lib
-from cnn.tasks.detection import report as detection_report
+from cnn.tools import detection_report
 from cnn.tasks.detection import targets as targets_lib
 from cnn.tasks.detection import task as det_task
-from cnn.training import loop as train_lib
+from cnn import runs as train_lib
 from cnn.training import metric_writers
 from cnn.errors import ConfigError, DataError
 from cnn.ops import boxes as box_ops

@@ -14,7 +14,7 @@ from cnn.data import synthetic_localization as synth
 from cnn.tasks.localization import dense
 from cnn.tasks.localization import model as model_lib
 from cnn.tasks.localization.task import LocalizationTask
-from cnn.training import loop
+from cnn import runs
 from cnn.training import optim
 from cnn.training import step as step_lib
 from cnn.training import transfer
@@ -260,14 +260,14 @@ def recipe_config(stage, **kw):
 def test_three_step_recipe_end_to_end(tmp_path):
   work = {s: str(tmp_path / s) for s in ('classify', 'regress', 'both')}
   with tfds.testing.mock_data(num_examples=16):
-    loop.train_and_evaluate(recipe_config('classify'), work['classify'])
-    res = loop.train_and_evaluate(
+    runs.train_and_evaluate(recipe_config('classify'), work['classify'])
+    res = runs.train_and_evaluate(
         recipe_config('regress', init_from=work['classify']),
         work['regress'])['test']
-    both = loop.train_and_evaluate(
+    both = runs.train_and_evaluate(
         recipe_config('both', init_from=work['regress']), work['both'])['test']
-    p1 = loop.restore_run(work['classify'])[1].params
-    p2 = loop.restore_run(work['regress'])[1].params
+    p1 = runs.restore_run(work['classify'])[1].params
+    p2 = runs.restore_run(work['regress'])[1].params
   for key in ('error', 'mean_iou', 'iou50', 'loc_error', 'dense_error',
               'dense_mean_iou', 'dense_iou50', 'dense_loc_error',
               'mean_box_mean_iou', 'mean_box_iou50'):

@@ -14,7 +14,8 @@ from cnn import tasks
 from cnn.data import synthetic_localization as synth
 from cnn.tasks import base
 from cnn.tasks.localization.task import Canvases
-from cnn.training import checkpointing, loop, metric_writers
+from cnn import runs
+from cnn.training import checkpointing, metric_writers
 from configs import common
 
 
@@ -78,7 +79,7 @@ def test_a_new_task_trains_on_the_one_loop(tmp_path):
       keep_checkpoints=1)
   c.tensorboard = False
   with tfds.testing.mock_data(num_examples=16):
-    final = loop.train_and_evaluate(c, str(tmp_path))
+    final = runs.train_and_evaluate(c, str(tmp_path))
   recs = metric_writers.read_metrics(str(tmp_path))
   assert [r['step'] for r in recs if r['split'] == 'train'] == [1, 2, 3, 4]
   held_out = [r['pixel_error'] for r in recs if r['split'] == 'test']

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from cnn.errors import ConfigError
 from cnn.tools import plotting
 from cnn.tools import records
-from cnn.training import loop
+from cnn import runs as runs_lib
 from tests.conftest import ROOT, small_config
 
 
@@ -17,7 +17,7 @@ from tests.conftest import ROOT, small_config
 def finished(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('run') / 'resnet8_s0'
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(small_config(steps=2), str(workdir))
+    runs_lib.train_and_evaluate(small_config(steps=2), str(workdir))
   return workdir
 
 

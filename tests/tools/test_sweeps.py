@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from cnn.tools import sweeps
 from cnn import tasks
-from cnn.training import loop
+from cnn import runs
 from cnn.errors import ConfigError, UserError
 from cnn.training.metric_writers import read_metrics
 from configs import lr_schedules
@@ -101,7 +101,7 @@ def test_lr_schedule_members_override_nested_fields():
       'plateau', 0.5, 2)
   assert base.lr_schedule == 'step'  # The base is not modified.
   assert c.val_examples == 5000 and c.plateau.monitor == 'val'
-  loop.validate_config(c, tasks.get(c))  # Plateau on a held-out split: a valid config.
+  runs.validate_config(c, tasks.get(c))  # Plateau on a held-out split: a valid config.
   with pytest.raises(ConfigError, match="no field 'patients'"):
     sweeps.apply_overrides(base, {'plateau.patients': 3})
 
@@ -136,7 +136,7 @@ def test_sweep_dry_run_skip_resume_and_failure(tmp_path, capsys):
   c = sweeps.apply_overrides(plain_vs_resnet.get_config(arg),
                              {'model': 'cifar_plain8'})
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(c, str(plain8))
+    runs.train_and_evaluate(c, str(plain8))
   shutil.rmtree(plain8 / 'checkpoints' / '4')
   capsys.readouterr()
 

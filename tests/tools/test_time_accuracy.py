@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from cnn.errors import ConfigError
 from cnn.tools import time_accuracy
-from cnn.training import loop
+from cnn import runs
 from cnn.training import metric_writers
 from tests.conftest import ROOT, small_config
 
@@ -63,7 +63,7 @@ def _script(*args):
 def test_run_clock_and_the_command(tmp_path):
   wd = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(small_config(steps=4, tensorboard=False),
+    runs.train_and_evaluate(small_config(steps=4, tensorboard=False),
                             str(wd))
   pts, clock = time_accuracy.points(str(wd))
   assert 'run clock' in clock

@@ -16,12 +16,12 @@ def _train(args):
 def test_source_study_upsamples_cifar_to_the_source_net(tmp_path):
   # The source run in this process (the study below is the command under
   # test; a child process would only import TensorFlow once more).
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
+  from cnn import runs  # pylint: disable=g-import-not-at-top
   from configs import tiny_imagenet  # pylint: disable=g-import-not-at-top
   source = tmp_path / 'source'
   c = tiny_imagenet.get_config('resnet18_64,local')
   c.data_dir = str(SHARED_TFDS)
-  loop.train_and_evaluate(c, str(source))
+  runs.train_and_evaluate(c, str(source))
   study = tmp_path / 'study'
   args = ['experiments.transfer_study', f'--workdir={study}',
           f'--source={source}', '--quick', '--sizes=2', '--seeds=2',

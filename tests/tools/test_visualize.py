@@ -120,12 +120,12 @@ def is_png(path):
 def cli(*args, train_to=None):
   """Runs the command on tfds mock data in a fresh process, after training
   `small_config(steps=2)` into `train_to` there (one TensorFlow start)."""
-  train = (f'  loop.train_and_evaluate(small_config(steps=2), '
+  train = (f'  runs.train_and_evaluate(small_config(steps=2), '
            f'{str(train_to)!r})\n' if train_to else '')
   script = (
       'import sys; import tensorflow_datasets as tfds; from absl import app\n'
       'from experiments import visualize\n'
-      'from cnn.training import loop; from tests.conftest import small_config\n'
+      'from cnn import runs; from tests.conftest import small_config\n'
       'with tfds.testing.mock_data(num_examples=24):\n'
       f'{train}  sys.argv = ["visualize", *{list(args)!r}]\n'
       '  app.run(visualize.main)')

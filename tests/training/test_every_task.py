@@ -8,7 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cnn.errors import NonFiniteLossError
-from cnn.training import checkpointing, loop, metric_writers
+from cnn import runs
+from cnn.training import checkpointing, metric_writers
 from tests.conftest import run_script
 from tests.tasks.test_detection import tiny_config
 from tests.tasks.test_localization import recipe_config
@@ -33,7 +34,7 @@ MONITOR = {'localization': 'test', 'detection': 'val'}
 
 def train(config, workdir):
   with tfds.testing.mock_data(num_examples=16):
-    return loop.train_and_evaluate(config, str(workdir))
+    return runs.train_and_evaluate(config, str(workdir))
 
 
 @pytest.fixture(scope='module', params=sorted(CONFIGS))
@@ -83,8 +84,8 @@ def test_evaluate_any_checkpoint_of_each_task(plateau_run, tmp_path):
   task, _, work = plateau_run
   png = str(tmp_path / 'p.png')
   with tfds.testing.mock_data(num_examples=16):
-    r = loop.evaluate_checkpoint(str(work), 'test', 'best', picture=png)
-    last = loop.evaluate_checkpoint(str(work), 'test', 'latest')
+    r = runs.evaluate_checkpoint(str(work), 'test', 'best', picture=png)
+    last = runs.evaluate_checkpoint(str(work), 'test', 'latest')
   key = {'localization': 'loc_error', 'detection': 'map'}[task]
   assert r['task'] == task and 0.0 <= r[key] <= 1.0
   assert last['step'] == 6 and 0.0 <= last[key] <= 1.0

@@ -10,11 +10,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cnn import models
+from cnn import runs
 from cnn import tasks
+from cnn.ops import compiler
 from configs import cifar10
-from cnn.training import loop
 from cnn.training import optim
-from cnn.training import step as step_lib
 from cnn.errors import CheckpointError, ConfigError, NonFiniteLossError
 from tests.conftest import (ROOT, SHARED_TFDS, classifier_step, metric_rows,
                             requires_cifar10_jpeg, resnet8_after_steps,
@@ -24,7 +24,7 @@ from tests.conftest import (ROOT, SHARED_TFDS, classifier_step, metric_rows,
 
 def run(config, workdir, num_examples=24):
   with tfds.testing.mock_data(num_examples=num_examples):
-    return loop.train_and_evaluate(config, str(workdir))
+    return runs.train_and_evaluate(config, str(workdir))
 
 
 def records(workdir):
@@ -81,7 +81,7 @@ def test_loss_falls_on_a_fixed_batch():
 def test_cpu_compiler_options_keep_the_math():
   """The library's CPU train-step options change speed, not results."""
   assert_same_training(*[resnet8_after_steps(compiler_options=options)
-                         for options in (step_lib.CPU_COMPILER_OPTIONS, None)])
+                         for options in (compiler.CPU_COMPILER_OPTIONS, None)])
 
 
 def test_cpu_fusion_setting_is_on_off_or_auto(monkeypatch):
@@ -93,8 +93,8 @@ def test_cpu_fusion_setting_is_on_off_or_auto(monkeypatch):
   from cnn.ops import onednn  # pylint: disable=g-import-not-at-top
   assert cifar10.get_config('cifar_resnet20').xla_cpu_fusion == 'auto'
   if onednn.status()[0]:
-    with conv_ops.implementation('onednn'), step_lib.fusion('auto'):
-      assert step_lib.current_fusion()
+    with conv_ops.implementation('onednn'), compiler.fusion('auto'):
+      assert compiler.current_fusion()
   with conv_ops.implementation('xla'):
     _check_fusion_with_xlas_convolution(monkeypatch)
 
@@ -104,31 +104,31 @@ def _check_fusion_with_xlas_convolution(monkeypatch):
   with conv_ops.engine('eigen'), conv_ops.policy('auto'):
     engine = conv_ops.engine_compiler_options()
     for value, fused in (('on', True), ('off', False), ('auto', False)):
-      with step_lib.fusion(value):
-        assert step_lib.current_fusion() == fused
-        assert step_lib.default_compiler_options() == (
-            engine if fused else {**engine, **step_lib.CPU_COMPILER_OPTIONS})
+      with compiler.fusion(value):
+        assert compiler.current_fusion() == fused
+        assert compiler.train_step_options() == (
+            engine if fused else {**engine, **compiler.CPU_COMPILER_OPTIONS})
   # auto: on only where it measured faster.
   for engine_name, pol, fused in (('ynnpack', 'auto', True),
                                   ('ynnpack', '8', True),
                                   ('ynnpack', 'xla', False),
                                   ('eigen', '8', False)):
     with conv_ops.engine(engine_name), conv_ops.policy(pol), \
-        step_lib.fusion('auto'):
-      assert step_lib.current_fusion() == fused, (engine_name, pol)
+        compiler.fusion('auto'):
+      assert compiler.current_fusion() == fused, (engine_name, pol)
       want = dict(conv_ops.engine_compiler_options() or {})
       if not fused:
-        want.update(step_lib.CPU_COMPILER_OPTIONS)
-      assert step_lib.default_compiler_options() == (want or None)
+        want.update(compiler.CPU_COMPILER_OPTIONS)
+      assert compiler.train_step_options() == (want or None)
   # A step over several devices keeps XLA's weight gradient, so no fusion.
   monkeypatch.setattr(jax, 'device_count', lambda: 2)
   with conv_ops.engine('ynnpack'), conv_ops.policy('auto'), \
-      step_lib.fusion('auto'):
-    assert not conv_ops.may_chunk() and not step_lib.current_fusion()
+      compiler.fusion('auto'):
+    assert not conv_ops.may_chunk() and not compiler.current_fusion()
   c = small_config(xla_cpu_fusion='yes')
   with pytest.raises(ConfigError, match="^xla_cpu_fusion='yes' is not a "
                      "fusion setting: use 'on'"):
-    loop.validate_config(c, tasks.get(c))
+    runs.validate_config(c, tasks.get(c))
 
 
 def test_bad_config_values_are_one_line_errors(tmp_path):
@@ -193,28 +193,28 @@ def test_evaluate_checkpoint_restores_latest_and_best(tmp_path):
   wd = tmp_path / 'run'
   final = run(small_config('lenet5', steps=4, val_examples=8), wd)
   with tfds.testing.mock_data(num_examples=24):
-    r = loop.evaluate_checkpoint(str(wd), 'test', 'latest')
+    r = runs.evaluate_checkpoint(str(wd), 'test', 'latest')
     assert r['step'] == 4
     assert r['error'] == pytest.approx(final['test']['error'])
     assert r['examples'] == 24
-    best = loop.evaluate_checkpoint(str(wd), 'val', 'best')
+    best = runs.evaluate_checkpoint(str(wd), 'val', 'best')
     assert best['step'] in (2, 4)
     with pytest.raises(CheckpointError, match='available steps'):
-      loop.evaluate_checkpoint(str(wd), 'test', '3')
+      runs.evaluate_checkpoint(str(wd), 'test', '3')
     # The run's own training images (24 - 8 held out as val), eval mode.
-    train = loop.evaluate_checkpoint(str(wd), 'train')
+    train = runs.evaluate_checkpoint(str(wd), 'train')
     assert train['examples'] == 16 and 0.0 <= train['error'] <= 1.0
-    first = loop.evaluate_checkpoint(str(wd), 'train', examples=5)
+    first = runs.evaluate_checkpoint(str(wd), 'train', examples=5)
     assert first['examples'] == 5
-    assert loop.evaluate_checkpoint(str(wd), 'train', examples=16) == train
+    assert runs.evaluate_checkpoint(str(wd), 'train', examples=16) == train
     with pytest.raises(ConfigError, match='between 1 and the 8 examples of '
                        'val') as e:
-      loop.evaluate_checkpoint(str(wd), 'val', examples=9)
+      runs.evaluate_checkpoint(str(wd), 'val', examples=9)
     assert '\n' not in str(e.value)
     for examples in (0, 3):
       with pytest.raises(ConfigError, match=r"not held out in this run; "
                          r"choose one of \['test', 'val'\] or 'train'"):
-        loop.evaluate_checkpoint(str(wd), 'bogus', examples=examples)
+        runs.evaluate_checkpoint(str(wd), 'bogus', examples=examples)
 
 
 @requires_cifar10_jpeg
@@ -225,7 +225,7 @@ def test_integration_real_cifar10_jpeg(tmp_path):
                    eval_batch_size=250)
   c.eval_every_steps = 6
   c.checkpoint_every_steps = 6
-  final = loop.train_and_evaluate(c, str(tmp_path))
+  final = runs.train_and_evaluate(c, str(tmp_path))
   assert final['val']['examples'] == 500
   assert final['test']['examples'] == 500
   assert 0.0 <= final['test']['error'] <= 1.0
@@ -255,7 +255,7 @@ def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
   c = cifar10.get_config('lenet5')
   for k, v in overrides.items():
     setattr(c, k, v)
-  loop.train_and_evaluate(c, str(clean))
+  runs.train_and_evaluate(c, str(clean))
   proc = subprocess.Popen(cmd + [f'--workdir={killed}'], cwd=str(ROOT),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300

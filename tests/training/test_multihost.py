@@ -19,13 +19,13 @@ _SCRIPT = textwrap.dedent('''
     import json, sys
     import jax
     import tensorflow_datasets as tfds
-    from cnn.training import loop
+    from cnn import runs
     from tests.conftest import small_config
     workdir = sys.argv[1]
     c = small_config('cifar_resnet8', steps=2, tensorboard=False)
     with tfds.testing.mock_data(num_examples=24):
-      final = loop.train_and_evaluate(c, workdir)
-      again = loop.evaluate_checkpoint(workdir, 'test', 'latest')
+      final = runs.train_and_evaluate(c, workdir)
+      again = runs.evaluate_checkpoint(workdir, 'test', 'latest')
     print(json.dumps({'process': jax.process_index(),
                       'processes': jax.process_count(),
                       'devices': jax.device_count(),

@@ -10,15 +10,15 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from cnn.data import input_pipeline
 from cnn.errors import ConfigError, UserError
-from cnn.training import loop, metric_writers, run_folder
+from cnn import runs
+from cnn.training import batches, loop, metric_writers, run_folder
 from tests.conftest import ROOT, SMALL_NUMERICS, metric_rows, small_config
 
 
 def train(config, workdir, num_examples=24):
   with tfds.testing.mock_data(num_examples=num_examples):
-    return loop.train_and_evaluate(config, str(workdir))
+    return runs.train_and_evaluate(config, str(workdir))
 
 
 def lines(workdir):
@@ -134,20 +134,20 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_is_exact(tmp_path,
   c = small_config('lenet5', steps=6, log_every_steps=2,
                    checkpoint_every_steps=6, eval_every_steps=6)
   train(c, straight)
-  indices = input_pipeline.TrainBatches.indices
+  indices = batches.TrainBatches.indices
 
   def ctrl_c_during_step_3(self, step):
     if step == 3:  # the batch of step 4 is read while step 3 runs
       signal.raise_signal(signal.SIGINT)
     return indices(self, step)
-  monkeypatch.setattr(input_pipeline.TrainBatches, 'indices',
+  monkeypatch.setattr(batches.TrainBatches, 'indices',
                       ctrl_c_during_step_3)
   with pytest.raises(loop.Interrupted, match='step 3') as e:
     train(c, parts)
   assert '\n' not in str(e.value)
   # Step 3 is half a log window (2 steps): the window is saved with it.
   assert sorted(os.listdir(parts / 'checkpoints')) == ['3']
-  monkeypatch.setattr(input_pipeline.TrainBatches, 'indices', indices)
+  monkeypatch.setattr(batches.TrainBatches, 'indices', indices)
   train(c, parts)
   assert metric_rows(parts) == metric_rows(straight)
 
@@ -178,14 +178,14 @@ def test_bad_workdirs_and_config_json_are_one_line(two_steps, tmp_path):
   (wd / 'config.json').write_text('{"model": ')
   with pytest.raises(ConfigError, match='not valid JSON'):
     with tfds.testing.mock_data(num_examples=24):
-      loop.evaluate_checkpoint(str(wd))
+      runs.evaluate_checkpoint(str(wd))
   from cnn.tools import plotting  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match='not valid JSON'):
     plotting.load_runs(str(tmp_path))
   from cnn.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   with pytest.raises(CheckpointError, match="'last' is not latest, best"):
     with tfds.testing.mock_data(num_examples=24):
-      loop.evaluate_checkpoint(str(two_steps), checkpoint='last')
+      runs.evaluate_checkpoint(str(two_steps), checkpoint='last')
 
 
 def _cli(*args, timeout=300):
@@ -254,7 +254,7 @@ def test_the_numerics_are_recorded_and_a_change_on_resume_is_said(
   the fields resumes at their default, 'auto', without a word."""
   wd = copy(two_steps, tmp_path / 'run')
   saved = json.loads((wd / 'config.json').read_text())
-  assert {k: saved[k] for k in loop.NUMERICS} == {'conv': 'auto',
+  assert {k: saved[k] for k in runs.NUMERICS} == {'conv': 'auto',
                                                   **SMALL_NUMERICS}
   capsys.readouterr()
   train(small_config('lenet5', steps=4, xla_cpu_fusion='off'), wd)
@@ -262,14 +262,14 @@ def test_the_numerics_are_recorded_and_a_change_on_resume_is_said(
   assert ("resuming with xla_cpu_fusion 'on' -> 'off' (the steps from here "
           'differ by float32 rounding') in out
   old = copy(two_steps, tmp_path / 'old_run')
-  for field in loop.NUMERICS:
+  for field in runs.NUMERICS:
     del saved[field]
   (old / 'config.json').write_text(json.dumps(saved))  # an older version's
-  auto = {k: 'auto' for k in loop.NUMERICS}
+  auto = {k: 'auto' for k in runs.NUMERICS}
   train(small_config('lenet5', steps=4, **auto), old)
   out = capsys.readouterr().out
   assert 'resuming from step 2' in out
-  assert not any(f'resuming with {f} ' in out for f in loop.NUMERICS), out
+  assert not any(f'resuming with {f} ' in out for f in runs.NUMERICS), out
 
 
 def test_a_resumed_run_keeps_its_conv_chunks_whatever_the_machine_plan(
@@ -390,7 +390,7 @@ def test_a_negative_seed_is_one_line_on_every_task():
             localization.get_config('local')):
     c.seed = -1
     with pytest.raises(ConfigError) as e:
-      loop.validate_config(c, tasks.get(c))
+      runs.validate_config(c, tasks.get(c))
     assert str(e.value) == ('seed=-1 must be an integer in [0, 2**31), e.g. '
                             '--config.seed=0')
 

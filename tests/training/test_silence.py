@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from cnn.data import input_pipeline
 from cnn.training import console
-from cnn.training import loop
+from cnn import runs
 from cnn.training import metric_writers
 from cnn.training import step as step_lib
 from tests.conftest import ROOT, small_config
@@ -44,7 +44,7 @@ def test_what_loads_and_the_compilation_are_said_before_they_start(
     return step
   monkeypatch.setattr(step_lib, 'make_train_step', made)
   with tfds.testing.mock_data(num_examples=24):
-    loop.train_and_evaluate(small_config('lenet5', steps=2), str(tmp_path))
+    runs.train_and_evaluate(small_config('lenet5', steps=2), str(tmp_path))
   after = capsys.readouterr().out.splitlines()
   assert seen['before the data'].splitlines() == [
       "loading cifar10 from TFDS's default folder (~/tensorflow_datasets) ..."]
@@ -192,8 +192,8 @@ def test_ctrl_c_of_the_cli_says_stopping_and_exits_130(tmp_path):
 
 
 def test_errors_read_in_percent_on_the_console_as_in_the_tables():
-  from cnn.tasks import base  # pylint: disable=g-import-not-at-top
-  assert base.format_metrics({'error': 0.34125, 'loss': 1.0234,
+  from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
+  assert metric_writers.format_metrics({'error': 0.34125, 'loss': 1.0234,
                               'error_top5': 0.1}, ['error', 'error_top5',
                                                    'loss']) == (
                                                        'error 34.12% '

@@ -13,7 +13,7 @@ from cnn.training import checkpointing
 from cnn.data import input_pipeline
 from cnn import models
 from cnn.training import optim
-from cnn.training import loop
+from cnn import runs
 from cnn.training import transfer
 from cnn.errors import CheckpointError, ConfigError
 from tests.conftest import classifier_step, metric_rows, small_config
@@ -23,7 +23,7 @@ NEW = (5, 6, 7, 8, 9)
 
 def run(config, workdir, num_examples=40):
   with tfds.testing.mock_data(num_examples=num_examples):
-    return loop.train_and_evaluate(config, str(workdir))
+    return runs.train_and_evaluate(config, str(workdir))
 
 
 def saved(workdir, step=None):

@@ -305,6 +305,6 @@ class DetectionTask(base.Task):
                               self.config, self.spec)
 
   def picture(self, model, variables, data, path: str) -> None:
-    from cnn.tasks.detection import report  # pylint: disable=g-import-not-at-top
-    report.draw(self.config, model, variables, self.spec, data.evals['test'],
+    from cnn.tasks.detection import pictures  # pylint: disable=g-import-not-at-top
+    pictures.draw(self.config, model, variables, self.spec, data.evals['test'],
                 path)

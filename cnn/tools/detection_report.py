@@ -1,9 +1,10 @@
-"""The detector comparison table and a picture of detections.
+"""The detector comparison table and a picture of detections
+(`experiments.detection_table`).
 
 `comparison_table` reads the final test record of each detection run's
 metrics.jsonl; `draw_detections` runs trained detectors on test canvases
-and draws their boxes (matplotlib PNG); `draw` does it for one detector
-(`experiments.evaluate --picture`).
+and draws their boxes (matplotlib PNG; one detector's picture is the task's,
+`cnn.tasks.detection.pictures`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from cnn.training import metric_writers
 from cnn.errors import ConfigError
+from cnn.tasks.detection import pictures
 
 # The lecture's table, as the lecture quotes it (R-CNN and Fast R-CNN by
 # Girshick et al., Faster R-CNN by Ren et al.; VGG-16 on Pascal VOC 2007;
@@ -23,8 +25,7 @@ from cnn.errors import ConfigError
 # reports 69.9 (trained on 07) and 73.2 (07+12) (Ren et al. 2015, Table 3).
 LECTURE = {'rcnn': (50.0, 66.0), 'fast_rcnn': (2.0, 66.9),
            'faster_rcnn': (0.2, 66.9)}
-NAMES = {'rcnn': 'R-CNN', 'fast_rcnn': 'Fast R-CNN',
-         'faster_rcnn': 'Faster R-CNN'}
+NAMES = pictures.NAMES
 
 
 def final_test(workdir: str) -> tuple[str, dict]:
@@ -167,8 +168,8 @@ def comparison_table(workdirs, timing_images: int = 0) -> str:
 def _load(workdir: str):
   """(run, Predictor) of a detection run's latest checkpoint."""
   from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
-  from cnn.training import loop  # pylint: disable=g-import-not-at-top
-  run, state, _ = loop.restore_run(workdir)
+  from cnn import runs  # pylint: disable=g-import-not-at-top
+  run, state, _ = runs.restore_run(workdir)
   if run.task.name != 'detection':
     raise ConfigError(f'{workdir} is not a detection run (task='
                       f'{run.task.name})')
@@ -176,75 +177,12 @@ def _load(workdir: str):
                                   run.task.spec)
 
 
-def _draw_row(axes, config, predictor, data, min_score: float) -> None:
-  """Test canvases with one detector's detections (red, class and score)
-  and the ground truth (green)."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from cnn.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  if config.dataset == 'voc':
-    names = [str(k) for k in range(20)]
-  elif config.dataset != 'synthetic':  # photographs: the dataset's names
-    from cnn.data import objects  # pylint: disable=g-import-not-at-top
-    names = objects.class_names(config.dataset, config.data_dir)
-  else:
-    names = input_pipeline.class_names(config.source, config.data_dir)
-  for col, ax in enumerate(axes):
-    ax.imshow(data.images[col])
-    n = int(data.num_objects[col])
-    for (x, y, w, h), k in zip(data.boxes[col][:n], data.classes[col][:n]):
-      ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color='lime',
-                                 lw=1.5))
-      ax.text(x, y + h + 1, names[k], color='black', fontsize=6,
-              va='top', bbox=dict(facecolor='lime', alpha=0.6, pad=0.5,
-                                  lw=0))
-    b, s, c = predictor(data.images[col])[:3]
-    for (x, y, w, h), score, k in zip(b, s, c):
-      if score < min_score:
-        continue
-      ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, color='red',
-                                 lw=1.5))
-      ax.text(x, y - 1, f'{names[k]} {score:.2f}', color='white',
-              fontsize=6, bbox=dict(facecolor='red', alpha=0.6, pad=0.5,
-                                    lw=0))
-    ax.set_xlim(0, config.canvas)
-    ax.set_ylim(config.canvas, 0)
-    ax.axis('off')
-    if col == 0:
-      ax.set_title(NAMES[config.kind], fontsize=9, loc='left')
-
-
-def _save(fig, path: str, min_score: float, dpi: int) -> None:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig.suptitle(f'green: ground truth (class below), red: detections with '
-               f'score >= {min_score}', fontsize=9)
-  fig.savefig(path, dpi=dpi, bbox_inches='tight')
-  plt.close(fig)
-
-
-def _figure(rows: int, cols: int):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows),
-                      squeeze=False)
-
-
 def draw_detections(workdirs, path: str, num_images: int = 4,
                     min_score: float = 0.3, dpi: int = 90) -> None:
   """One row per detection run: its detections on the first test canvases."""
-  fig, axes = _figure(len(workdirs), num_images)
+  fig, axes = pictures.figure(len(workdirs), num_images)
   for row, workdir in enumerate(workdirs):
     run, predictor = _load(workdir)
-    _draw_row(axes[row], run.config, predictor, run.data.evals['test'],
-              min_score)
-  _save(fig, path, min_score, dpi)
-
-
-def draw(config, model, variables, spec, data, path: str,
-         num_images: int = 4, min_score: float = 0.3, dpi: int = 90) -> None:
-  """One detector's detections on the first test canvases."""
-  from cnn.tasks.detection import inference  # pylint: disable=g-import-not-at-top
-  fig, axes = _figure(1, num_images)
-  predictor = inference.Predictor(model, variables, config, spec)
-  _draw_row(axes[0], config, predictor, data, min_score)
-  _save(fig, path, min_score, dpi)
+    pictures.draw_row(axes[row], run.config, predictor,
+                      run.data.evals['test'], min_score)
+  pictures.save(fig, path, min_score, dpi)
