@@ -122,12 +122,6 @@ def param_shapes(params) -> dict:
   return {jax.tree_util.keystr(k): list(np.shape(v)) for k, v in flat}
 
 
-def describe(config, params) -> dict:
-  """The `meta` item: what a checkpoint must match to be restored."""
-  return {'model': config.model, 'dataset': config.dataset,
-          'param_shapes': param_shapes(params)}
-
-
 class Checkpointer:
   """A CheckpointManager with the project's policies and error messages."""
 

@@ -128,7 +128,8 @@ def test_filters_come_from_the_checkpoint(tmp_path):
       lambda r: classification.init_variables(model, (32, 32, 3), r),
       optim.make_optimizer(config), 3)
   ckpt = checkpointing.Checkpointer(str(d / 'checkpoints'))
-  ckpt.save(200, state, checkpointing.describe(config, state.params))
+  ckpt.save(200, state, {'model': config.model, 'param_shapes':
+                         checkpointing.param_shapes(state.params)})
   ckpt.close()
   kernel, layer, step = plotting.first_conv_kernel(str(d))
   assert (layer, step) == ('stem/conv', 200)
