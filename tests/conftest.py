@@ -112,6 +112,16 @@ def small_config(model='cifar_resnet8', steps=4, **overrides):
   return c
 
 
+def endless_lenet5_args(workdir) -> list[str]:
+  """`experiments.train` flags of a LeNet-5 run that trains until stopped
+  (no eval, log or checkpoint on the way), for tests that interrupt it."""
+  return ['--config=configs/cifar10.py:lenet5', f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in dict(
+          batch_size=8, eval_batch_size=8, num_train_steps=1000000,
+          eval_every_steps=1000000, checkpoint_every_steps=1000000,
+          log_every_steps=1000000, tensorboard=False).items()]
+
+
 def classifier_step(model, tx, schedule, mean=None, *, image_shape=(32, 32, 3),
                     augment='crop_flip', frozen=None,
                     compiler_options='default', seed=0):

@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from cnn.errors import ConfigError, UserError
 from cnn.training import metric_writers
 from cnn.training import run_folder
-from tests.conftest import ROOT, small_config
+from tests.conftest import ROOT, endless_lenet5_args, small_config
 
 
 def _lines(workdir) -> list[str]:
@@ -536,11 +536,7 @@ def test_a_second_ctrl_c_during_the_save_says_where_the_run_resumes(
   import re  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   wd = tmp_path / 'run'
-  args = ['--config=configs/cifar10.py:lenet5', f'--workdir={wd}'] + [
-      f'--config.{k}={v}' for k, v in dict(
-          batch_size=8, eval_batch_size=8, num_train_steps=1000000,
-          eval_every_steps=1000000, checkpoint_every_steps=1000000,
-          log_every_steps=1000000, tensorboard=False).items()]
+  args = endless_lenet5_args(wd)
   proc = subprocess.Popen(
       [sys.executable, '-c', _MOCK_TRAIN_CTRL_C_IN_SAVE, *args], cwd=ROOT,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -253,9 +253,7 @@ class Trainer:
     self.log_every = log_interval(config)
     self.primary = sharding.is_primary()
     self.state, self.s, saved_meta = self._start()
-    self.window, self.window_start = [], self.s
-    if saved_meta is not None:
-      self.window, self.window_start = _saved_window(saved_meta, self.s)
+    self.window, self.window_start = _saved_window(saved_meta or {}, self.s)
     self.writer = (metric_writers.MetricWriter(
         workdir, resume_step=self.s, tensorboard=config.tensorboard)
                    if self.primary else metric_writers.NullWriter())

@@ -19,7 +19,7 @@ from cnn.training import console
 from cnn import runs
 from cnn.training import metric_writers
 from cnn.training import step as step_lib
-from tests.conftest import ROOT, small_config
+from tests.conftest import ROOT, endless_lenet5_args, small_config
 
 
 def test_what_loads_and_the_compilation_are_said_before_they_start(
@@ -155,11 +155,7 @@ _MOCK_TRAIN = (
 
 def test_ctrl_c_of_the_cli_says_stopping_and_exits_130(tmp_path):
   wd = tmp_path / 'run'
-  args = ['--config=configs/cifar10.py:lenet5', f'--workdir={wd}'] + [
-      f'--config.{k}={v}' for k, v in dict(
-          batch_size=8, eval_batch_size=8, num_train_steps=1000000,
-          eval_every_steps=1000000, checkpoint_every_steps=1000000,
-          log_every_steps=1000000, tensorboard=False).items()]
+  args = endless_lenet5_args(wd)
   proc = subprocess.Popen([sys.executable, '-c', _MOCK_TRAIN, *args],
                           cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env={
