@@ -5,10 +5,12 @@ r"""Runs every member of a sweep config, each in its own folder.
     [--dry-run] [--config.FIELD=VALUE ...]
 
 Member `m` trains `get_config(ARG)` with its overrides in `WORKDIR/m.name`
-(see cnn/sweeps.py); `--config.FIELD=VALUE` applies to every member (a
-member's own overrides win). Finished members are skipped, interrupted ones
-resume from their checkpoints, a member that fails is recorded in the table
-and the others go on. Re-running a finished sweep only prints the table;
+(see cnn/tools/sweeps.py); `--config.FIELD=VALUE` applies to every member
+(a member's own overrides win). Finished members are skipped, interrupted
+ones resume from their checkpoints, a member that fails is recorded in the
+table and the others go on; a member whose folder holds a run of another
+config (`changed`) or that another process trains (`in use by pid N`) is
+left alone and named at the end. Re-running a finished sweep only prints the table;
 it ends with a mean ± std row for each set of members that differ only by
 their seed suffix (`NAME_s0`, `NAME_s1`, ...).
 `--parallel=N` trains N members at once, each in a subprocess (logs in

@@ -1,9 +1,11 @@
-"""TFDS -> numpy / tf.data -> device batches, and on-device augmentation.
+"""TFDS -> uint8 arrays in memory, or uint8 batches from tf.data.
 
-Small datasets (CIFAR, MNIST, ...) are read once into memory as uint8; the
-training loop draws batch `s` from them as a pure function of (seed, s)
-(`cnn.training.batches`). Augmentation (pad-and-crop, flip) and mean
-subtraction run on the device inside the jitted step (`cnn.data.augment`).
+Small datasets (CIFAR, MNIST, ...) are read once into memory as uint8
+(`ArrayData`); the training loop draws batch `s` from them as a pure
+function of (seed, s) (`cnn.training.batches.TrainBatches`). This module
+does no augmentation for them: pad-and-crop, flip and mean subtraction run
+on the device inside the task's loss, in the jitted step (`cnn.data.augment`;
+`pixel_mean` here computes the mean).
 
 Large datasets (ImageNet) stream through tf.data with the standard random
 resized crop and flip on the host; their order is not reproducible across a
@@ -190,7 +192,7 @@ class Datasets:
 
   Attributes:
     train: the training split in memory, or None when it streams.
-    train_stream: iterator factory for streaming datasets (ImageNet).
+    train_stream: an iterable of batches for streaming datasets (ImageNet).
     evals: held-out splits by name ('val', 'test'), in memory or streaming.
     num_classes: label count.
     image_shape: (H, W, C) of the network input.

@@ -1,17 +1,20 @@
-"""What a task supplies to the one training loop (`cnn.training.loop`, handed
-the task by `cnn.runs`).
+"""What a task supplies to the one training loop. `cnn.runs` looks the task
+up, builds a `Run` from it and hands that to `cnn.training.loop.train`.
 
 A task is what differs between, say, classification and detection: its
-config checks, its data, its model, its loss and its evaluation. The loop
-owns everything else for all tasks alike (schedules, weight decay,
-init_from / freeze, the device mesh, the NaN guard, checkpoints, exact
-resume, metrics.jsonl / TensorBoard / progress line), so adding a task
-touches no loop: subclass `Task`, then `cnn.tasks.register(name, cls)`.
+config checks, its data, its model, its loss and its evaluation. The rest
+is the same for all tasks: `cnn.runs.Run` holds the device mesh, the
+optimizer and schedules (`cnn.training.optim`), init_from / freeze
+(`cnn.training.transfer`) and the jitted step; the loop and its hooks own
+the NaN guard, checkpoints, exact resume and metrics.jsonl / TensorBoard /
+progress line. So adding a task touches no loop: subclass `Task`, then
+`cnn.tasks.register(name, cls)`.
 
-Data objects are the task's own; the loop reads only
+Data objects are the task's own; the loop and `Run` read only
   * `data.train`: the training examples, with `len()` and
-    `batch(indices) -> dict of arrays` with a leading batch axis (the loop
-    picks the indices: batch of step s = f(seed, s)), or None;
+    `batch(indices) -> dict of arrays` with a leading batch axis (the
+    indices come from `cnn.training.batches.TrainBatches`: batch of step
+    s = f(seed, s)), or None;
   * `data.train_stream` (optional): an iterable of batches for datasets
     that stream (ImageNet), used when `data.train` is None;
   * `data.evals`: {split: anything `evaluate` takes}, splits named from
@@ -70,8 +73,8 @@ class Task:
 
   def loss_fn(self, model, data) -> Callable:
     """`(params, model_state, batch, rng) -> (loss, (metrics,
-    new_model_state))`, traced inside the jitted step; `model` may be the
-    loop's wrapper of the task's model (frozen BatchNorm layers)."""
+    new_model_state))`, traced inside the jitted step; `model` may be
+    `Run`'s wrapper of the task's model (frozen BatchNorm layers)."""
     raise NotImplementedError
 
   def evaluate(self, model, variables: dict, data, split: str, *,

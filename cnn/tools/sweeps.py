@@ -10,8 +10,10 @@ A sweep is plain Python in a config file (big_vision style): besides
 A member folder is `done` when its final checkpoint and final evaluation
 exist, `partial` when training started (it resumes from its checkpoints),
 `failed` when the last attempt stopped with an error (recorded in
-`error.txt`), `new` otherwise. This module only computes; the runner
-(`experiments/sweep.py`) trains and prints.
+`error.txt`), `new` otherwise; the runner adds `changed` for a folder whose
+saved config differs from the member's (`run_folder.resume_check`). This
+module only computes; the runner (`experiments/sweep.py`) trains (through
+`cnn.runs.train_and_evaluate`) and prints.
 """
 from __future__ import annotations
 
@@ -306,8 +308,9 @@ def mean_std(values, digits: int = 1) -> str:
 
 def format_table(rows: list[dict]) -> str:
   """A Markdown table of summary rows (errors in %, other metrics as is),
-  then a mean ± std row for each set of finished members that differ only by
-  their seed suffix (`seed_group`); none pools members of different
+  then a mean ± std row for each set of two or more members that differ only
+  by their seed suffix (`seed_group`) and have a held-out value, finished or
+  not (the status column says which); none pools members of different
   settings."""
   metric = rows[0]['metric'] if rows else 'error'
   as_pct = metric.endswith('error')

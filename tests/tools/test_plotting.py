@@ -1,8 +1,9 @@
 """Figure 6, Table 6, lr and filter plots from run folders.
 
 The run folders are written here record by record in the format of
-cnn/metric_writers.py, so every number in the table is known in advance; the
-filter grid reads a real orbax checkpoint of a freshly initialised net.
+cnn/training/metric_writers.py, so every number in the table is known in
+advance; the filter grid reads a real orbax checkpoint of a freshly
+initialised net.
 """
 import json
 import struct
