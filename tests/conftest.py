@@ -172,12 +172,12 @@ def assert_same_training(a, b, leaf_rel: float = 2e-3):
   of its leaf's largest magnitude.
 
   Why per leaf, not per element: at learning rate 0.1 on a batch of 8,
-  BatchNorm amplifies rounding about 50x a step. YNNPACK against Eigen on
-  an AVX-512 Xeon (2026-12-06) differed by 7e-6, 3e-4 and 2.4e-3 of a
-  leaf's largest value after 1, 2 and 3 steps; a BatchNorm bias near zero
-  then fails any element-wise rtol. A wrong gradient (a chunk dropped or
-  counted twice) moves a leaf by a good part of its whole update, far
-  beyond `leaf_rel`.
+  BatchNorm amplifies rounding from step to step, so two convolution
+  engines drift apart by a growing fraction of a leaf's largest value
+  (results/speed/README.md, "Numbers behind the code's comments"); a
+  BatchNorm bias near zero then fails any element-wise rtol. A wrong
+  gradient (a chunk dropped or counted twice) moves a leaf by a good part
+  of its whole update, far beyond `leaf_rel`.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

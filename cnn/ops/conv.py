@@ -11,13 +11,13 @@ with the weight gradient chosen per shape by measurement.
   What follows is about XLA's convolution.
 
 XLA:CPU computes a convolution's weight gradient as one convolution whose
-"kernel" is the whole output gradient; on a 2-core AMD EPYC with AVX2 that
-takes 115-127 ms for the 32x32x16 -> 16 layers of a CIFAR ResNet at batch
-128, where PyTorch takes 13 ms. The same sum split over the batch, XLA's own
-weight gradient of each chunk of N/m images added up, takes 17-30 ms at
-m = 8-16 (equal to 1e-6 relative): the large contraction seems to fall out
-of the kernel's cache blocking. The best m differs per shape and per CPU, so
-it is measured, not assumed:
+"kernel" is the whole output gradient, which on CPUs can be several times
+slower than PyTorch's; the same sum split over the batch, XLA's own weight
+gradient of each chunk of N/m images added up, can be several times faster
+(the large contraction seems to fall out of the kernel's cache blocking;
+measurements: results/speed/README.md, "The weight gradient over batch
+chunks"). The best m differs per shape and per CPU, so it is measured, not
+assumed:
 
 * `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (the
   models pass it to `nn.Conv`). Its forward pass and input gradient are
@@ -85,11 +85,11 @@ _engine_override: list = []
 # XLA:CPU's convolution kernels. jaxlib 0.10 hands every convolution to
 # YNNPACK (its default `xla_cpu_experimental_ynn_fusion_type` is individual
 # dots and individual convolutions); 'eigen' keeps YNNPACK for dots only, so
-# convolutions take XLA's Eigen kernels. On a 2-core AMD EPYC with AVX2 and
-# no AVX-512, Eigen's made the CIFAR ResNet train step 1.08-1.09x faster,
-# eval 1.29-1.38x and the resnet56 compile 2x (README, Speed); on AVX-512
-# CPUs it is not measured yet. So `auto` (the default) takes Eigen on CPUs
-# without AVX-512 and leaves XLA's YNNPACK elsewhere.
+# convolutions take XLA's Eigen kernels. Eigen's measured faster on an AVX2
+# CPU without AVX-512 (train step, eval and compile) and slower in the train
+# step on an AVX-512 Xeon (results/speed/README.md, "YNNPACK or Eigen
+# convolutions" and "An AVX-512 Xeon"). So `auto` (the default) takes Eigen
+# on CPUs without AVX-512 and leaves XLA's YNNPACK elsewhere.
 ENGINES = {
     'ynnpack': None,
     'eigen': {'xla_cpu_experimental_ynn_fusion_type':

@@ -98,9 +98,9 @@ def kernel_check(x_shape, w_shape, strides, padding) -> tuple[bool, str]:
   gradients on JIT kernels; else (False, which pass has what). oneDNN
   picks by shape and thread count: a layer whose maps are tiny (2x2 under
   a 3x3 kernel) can get only its im2col+GEMM kernel, which crashed here,
-  or its reference loops (1.4-7 ms for vgg_tiny's 2x2 layer at batch 2,
-  where GEMM took 0.03-0.05 ms after its first call); such a layer keeps
-  XLA's convolution (native/onednn_conv.cc says which kernels are skipped)."""
+  or its reference loops, far slower (results/speed/README.md, "Numbers
+  behind the code's comments"); such a layer keeps XLA's convolution
+  (native/onednn_conv.cc says which kernels are skipped)."""
   if not status()[0]:
     return False, status()[1]
   (pt, pb), (pl, pr) = padding

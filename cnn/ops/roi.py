@@ -50,7 +50,8 @@ def _shifted(x, by: int, axis: int, fill):
 def _next_level(entry, half: int, axis: int, neg, big):
   """One doubling of the ranges along `axis`. The barrier keeps XLA from
   fusing each level into the next, which recomputed every earlier level once
-  for the values and once for the indices (4x slower on CPU)."""
+  for the values and once for the indices (slower on CPU: results/speed/
+  README.md, "Numbers behind the code's comments")."""
   v, i = entry
   return jax.lax.optimization_barrier(_first_max(
       (v, i), (_shifted(v, half, axis, neg), _shifted(i, half, axis, big))))
@@ -148,11 +149,11 @@ def roi_max_pool(features, rois, output_size: tuple[int, int],
   over 2**ky x 2**kx cells, with the first arg-max): four overlapping
   power-of-two ranges cover any bin exactly, so the cost is the table,
   (log2 H + 1)(log2 W + 1) maps, plus four gathers per bin, independent of
-  the rois' sizes (on a 32x32x64 map with 2,000 rois and 4x4 bins, 40x
-  faster than the earlier masked max over R * pw * H * W * C). The value is
-  gathered at the argmax, so the gradient goes to a single cell per bin and
-  channel (the first maximum in row-major order, like Caffe's backward);
-  empty bins get none.
+  the rois' sizes (faster than the earlier masked max over
+  R * pw * H * W * C: results/speed/README.md, "Numbers behind the code's
+  comments"). The value is gathered at the argmax, so the gradient goes to
+  a single cell per bin and channel (the first maximum in row-major order,
+  like Caffe's backward); empty bins get none.
 
   Args:
     features: (H, W, C) or (B, H, W, C) feature map.

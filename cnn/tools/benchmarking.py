@@ -263,7 +263,9 @@ def _conv(x, k, stride: int, conv=jax.lax.conv_general_dilated):
 def shifted_weight_grad(x, g, kernel: int):
   """The weight gradient of a stride-1 'same' k x k convolution as k*k
   GEMMs over the shifted input: dK[i, j] = sum_nhw x[n, h+i, w+j]^T g[n, h, w]
-  (the formulation the issue measured 2.6x faster than XLA on an AVX2 CPU)."""
+  (the issue's proposal, 2.6x faster than XLA by the issue's own figure;
+  measured here it was slower than XLA's on three CPUs: results/speed/
+  README.md, "Per layer, and what did not help")."""
   pad = kernel // 2
   h, w = x.shape[1:3]
   xp = jax.numpy.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))

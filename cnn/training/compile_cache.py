@@ -1,11 +1,12 @@
 """JAX's persistent compilation cache: compile a step once, reuse it.
 
-A train step takes 10-30 s to compile on a 2-core CPU (more for deep nets),
-paid again by every run, every resumed run and every sweep member. With the
-cache, XLA's executable is stored on disk keyed by the computation, the
-compile options, the jax/jaxlib version and the device, so an identical
-step in another process loads in well under a second; anything different
-compiles afresh (the key cannot match a different program).
+A train step takes seconds to tens of seconds to compile on a CPU, more for
+deep nets (results/speed/README.md), paid again by every run, every resumed
+run and every sweep member. With the cache, XLA's executable is stored on
+disk keyed by the computation, the compile options, the jax/jaxlib version
+and the device, so an identical step in another process loads in well under
+a second; anything different compiles afresh (the key cannot match a
+different program).
 
 The experiment scripts turn it on (`--compilation_cache`, default
 `~/.cache/cnn/jax`, or `$CNN_COMPILATION_CACHE`; `off` turns it off).
@@ -19,10 +20,9 @@ OFF = ('off', 'none', 'false', '0')
 # Every compiled program is written, however quick its compile (JAX's
 # default skips those under 1 s): the cache is looked up for every compile
 # anyway, a small entry costs a few kB and milliseconds, and the many
-# sub-second compiles of small steps, eval steps and box ops added up. At
-# 0.5 s the test suite took 193.7 s of pytest on an AVX-512 Xeon, at 0
-# 159.4 s (warm cache both, 27 MB on disk for the whole suite; commit
-# f54af07, results/speed/README.md: 3 min 14 s -> 2 min 39 s).
+# sub-second compiles of small steps, eval steps and box ops added up: the
+# warm suite ran faster with all of them cached (results/speed/README.md,
+# "The compilation cache and the suite's time").
 MIN_COMPILE_SECONDS = 0.0
 
 

@@ -10,10 +10,11 @@ step, the evaluation or the compilation in progress ends.
 Why a thread for the last: Python runs a signal handler only when the main
 thread is back in the interpreter, and a training run spends long stretches
 inside one call into XLA (compiling, waiting for the steps dispatched ahead
-at a log point): measured, a Ctrl-C during a 5 s computation was seen by the
-handler 5 s late. `signal.set_wakeup_fd` has the C-level handler write the
-signal's number to a pipe at once; a daemon thread blocked on that pipe
-prints the acknowledgement. The stop itself stays with the Python handler
+at a log point), so a Ctrl-C during a long computation reaches the handler
+only when the computation ends (tests/training/test_silence.py).
+`signal.set_wakeup_fd` has the C-level handler write the signal's number
+to a pipe at once; a daemon thread blocked on that pipe prints the
+acknowledgement. The stop itself stays with the Python handler
 (`StopRequest`) and the loop: a step is never cut in the middle.
 """
 from __future__ import annotations

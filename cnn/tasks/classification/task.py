@@ -40,9 +40,10 @@ def model_kwargs(config, num_classes: int) -> dict:
 def init_variables(model, image_shape, rng) -> dict:
   """The model's variables for images of `image_shape` (H, W, C)."""
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  # XLA's RngBitGenerator ('rbg') compiles the init of a deep net 3-4x
-  # faster on CPU than threefry (4 s vs 15 s for cifar_resnet8); the values
-  # are still a pure function of the seed on a given backend.
+  # XLA's RngBitGenerator ('rbg') compiles the init of a deep net faster on
+  # CPU than threefry (results/speed/README.md, "Numbers behind the code's
+  # comments"); the values are still a pure function of the seed on a given
+  # backend.
   init_key = jax.random.wrap_key_data(jnp.tile(rng, 2), impl='rbg')
   return jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
 
