@@ -15,7 +15,7 @@ default to the preset's):
          /10 at 3,910 and 5,865), eval on all 10,000 test images every
          epoch (391 iterations); plain and ResNet 20/32/44/56, one seed.
          Sized so that a 56-layer member fits one 2.5-hour run on a fast
-         CPU; the 20-layer members take ~1.5 h on a 2-core AVX2 EPYC
+         CPU; the 20-layer members took 1.5-1.8 h on a 2-core AVX2 EPYC
          (results/plain_vs_resnet_fig6/ says what each member took where).
   cpu    600 iterations (lr /10 at 300 and 450, i.e. 1.5 epochs), eval
          every 100; depths 8 and 20, seeds 0 and 1. About 45-50 min on 2
