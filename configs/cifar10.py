@@ -43,45 +43,26 @@ from ml_collections import config_dict
 
 from configs import common
 
+ARG = common.Grammar(
+    words=(common.Word('model', default='cifar_resnet20'),
+           common.Word('preset', ('fast', 'fast_local'))),
+    default='cifar_resnet20')
+
 
 def get_config(arg: str = 'cifar_resnet20') -> config_dict.ConfigDict:
-  """`MODEL[,fast|,fast_local]`. Held-out metric: top-1 `error` on `test`
+  """`MODEL[,fast|fast_local]`. Held-out metric: top-1 `error` on `test`
   (and `val` with val_examples); the best checkpoint is the lowest val
   (else test) error."""
-  model, _, preset = (arg or 'cifar_resnet20').partition(',')
-  if preset not in ('', 'fast', 'fast_local'):
-    raise ValueError(f"unknown preset '{preset}'; use MODEL, MODEL,fast or "
-                     'MODEL,fast_local')
-  c = config_dict.ConfigDict()
-  c.task = 'classification'
-  c.model = model or 'cifar_resnet20'
-  c.model_kwargs = config_dict.ConfigDict()  # e.g. {'shortcut': 'B'}
-  c.num_classes = 0  # 0: the dataset's.
-  c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
-
+  a = ARG.parse(arg)
+  preset = a['preset']
   # The prepared JPEG copy where the data folder holds one, else TFDS's own
   # cifar10 (downloaded into data_dir on first use); see common.data_dir.
-  c.dataset, data_dir = common.dataset_and_dir('cifar10_jpeg', 'cifar10')
-  c.data_dir = common.data_dir_field(data_dir)
-  c.train_split = 'train'
-  c.test_split = 'test'
-  c.val_examples = 0  # 5000: the paper's 45k/5k split (last 5k held out).
-  c.in_memory = 'auto'  # 'yes', or 'no': stream through tf.data.
-  c.augment = 'crop_flip'  # 'flip' or 'none'
-  c.pad = 4
-  c.mean_subtraction = 'per_pixel'  # 'per_channel' or 'none'
-  # Class subsets (transfer learning): original labels kept, relabelled
-  # 0..k-1 in this order, e.g. (5, 6, 7, 8, 9); () keeps all classes.
-  c.classes = ()
-  c.train_examples_per_class = 0  # N > 0: the first N of each class only.
-  c.eval_batch_size = 500
-  c.label_smoothing = 0.0  # s: targets (1 - s) one-hot + s / K.
-
+  dataset, data_dir = common.dataset_and_dir('cifar10_jpeg', 'cifar10')
   # He et al. use 0.01 warm-up for ~400 steps for ResNet-110 only.
-  common.add_training_fields(
-      c, batch_size=128, num_train_steps=64_000, learning_rate=0.1,
-      weight_decay=1e-4, lr_schedule='step', lr_milestones=(32_000, 48_000),
-      warmup_lr=0.01)
+  c = common.classification(
+      a['model'], dataset, data_dir, batch_size=128, num_train_steps=64_000,
+      learning_rate=0.1, weight_decay=1e-4, lr_schedule='step',
+      lr_milestones=(32_000, 48_000), warmup_lr=0.01)
   if preset:
     epoch = 391  # steps of 128 in CIFAR-10's 50,000 training images
     c.num_train_steps = 30 * epoch

@@ -20,11 +20,21 @@ They are read by the one training loop (`cnn/training/`) whatever the task:
   train step ('auto', 'on', 'off'). See `cnn.ops.conv` and
   `cnn.training.step`; 'auto' is what measured fastest.
 
-And the one rule every config names its data folder by (`data_dir`).
+And the one rule every config names its data folder by (`data_dir`), the
+fields of every classification run (`classification`), and the one grammar
+of a config file's argument (`Grammar`: `file.py:WORD[,WORD...][,key=value
+...]`).
 """
+from __future__ import annotations
+
+import dataclasses
+import difflib
 import os
+from typing import Any
 
 from ml_collections import config_dict
+
+from cnn.errors import ConfigError
 
 # The prepared TFDS datasets beside the project (../shared/data/tfds from
 # its root): CIFAR-10 as JPEG, MNIST, Tiny ImageNet, ...
@@ -127,3 +137,173 @@ def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
   c.xla_cpu_conv = 'auto'
   c.xla_cpu_fusion = 'auto'
   return c
+
+
+def classification(model: str, dataset: str, data_dir: str | None,
+                   **training) -> config_dict.ConfigDict:
+  """Every field of a classification run (`cnn.tasks.classification`) at
+  the CIFAR-10 recipe's value, then the training fields
+  (`add_training_fields(c, **training)`); a config file changes what differs
+  (configs/tiny_imagenet.py, configs/mnist.py, configs/imagenet.py)."""
+  c = config_dict.ConfigDict()
+  c.task = 'classification'
+  c.model = model
+  c.model_kwargs = config_dict.ConfigDict()  # e.g. {'shortcut': 'B'}
+  c.num_classes = 0  # 0: the dataset's.
+  c.dtype = 'float32'  # 'bfloat16': mixed precision (params stay float32).
+
+  c.dataset = dataset
+  c.data_dir = data_dir_field(data_dir)
+  c.train_split = 'train'
+  c.test_split = 'test'
+  c.val_examples = 0  # 5000: the paper's 45k/5k split (last 5k held out).
+  c.in_memory = 'auto'  # 'yes', or 'no': stream through tf.data.
+  c.augment = 'crop_flip'  # 'rrc_flip', 'flip' or 'none'
+  c.pad = 4  # crop_flip: zero padding before the random crop
+  c.crop_area = (0.25, 1.0)  # rrc_flip: the crop's share of the image area
+  # 0: the images' own size (a streamed dataset: 224); N > 0: resized on the
+  # device to N x N (transfer to another input size, the detectors' 32x32).
+  c.image_size = 0
+  c.mean_subtraction = 'per_pixel'  # 'per_channel' or 'none'
+  # Class subsets (transfer learning): original labels kept, relabelled
+  # 0..k-1 in this order, e.g. (5, 6, 7, 8, 9); () keeps all classes.
+  c.classes = ()
+  c.train_examples_per_class = 0  # N > 0: the first N of each class only.
+  c.eval_batch_size = 500
+  c.label_smoothing = 0.0  # s: targets (1 - s) one-hot + s / K.
+  return add_training_fields(c, **training)
+
+
+# --- The argument of a config file: `file.py:WORD[,WORD...][,key=value...]`.
+
+@dataclasses.dataclass(frozen=True)
+class Word:
+  """One positional word of a config file's argument.
+
+  Attributes:
+    name: what it sets (`model`, `preset`); a free word shows it in capitals
+      in the usage line (MODEL).
+    choices: the words allowed; () any word (a model name, which the task
+      checks against the registry with a did-you-mean of its own).
+    default: its value when the argument leaves it out or empty; '' is off.
+  """
+  name: str
+  choices: tuple[str, ...] = ()
+  default: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Grammar:
+  """The argument of one config file: positional words, then key=value.
+
+  `parse('cifar_resnet20,fast')`, `parse('cpu,seeds=3,depths=20-56')`. The
+  first word is always the first slot's (empty: its default); each later
+  word fills the next slot that allows it, so an optional slot may be left
+  out (`fast_rcnn,local` leaves out `raccoon|coco128`) but the order is
+  fixed. A key=value part sets an option, converted to its default's type
+  (int, float, str, or a tuple of ints written a-b-c). Anything else is one
+  ConfigError line naming the part, the closest allowed word and the usage.
+
+  Attributes:
+    words: the slots, in order.
+    options: the allowed keys and their defaults.
+    default: the whole argument when none is given (None, or '' as
+      `file.py:` passes it).
+  """
+  words: tuple[Word, ...]
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  default: str = ''
+
+  def usage(self) -> str:
+    """E.g. `MODEL[,fast|fast_local]` or `paper|fig6|cpu|local[,seeds=N]`."""
+    parts = []
+    for i, w in enumerate(self.words):
+      text = '|'.join(w.choices) if w.choices else w.name.upper()
+      parts.append(text if i == 0 else f'[,{text}]')
+    for key, value in self.options.items():
+      parts.append(f'[,{key}={_placeholder(value)}]')
+    return ''.join(parts)
+
+  def parse(self, arg: str | None) -> dict[str, Any]:
+    """{slot or option name: value} of `arg`; see the class docstring.
+
+    Raises:
+      ConfigError: a word no slot allows here, an unknown key, or a value
+        of the wrong type (one line, with the fix).
+    """
+    text = arg if arg else self.default
+    out = {w.name: w.default for w in self.words}
+    out.update(self.options)
+    pos = 0  # the next slot a word may fill
+    for i, raw in enumerate(text.split(',')):
+      part = raw.strip()
+      if '=' in part:
+        key, _, value = part.partition('=')
+        out[key.strip()] = self._option(key.strip(), value.strip(), part, text)
+      elif i == 0:  # the first slot's word; empty: its default
+        pos = self._place(part, 0, text, out, first=True) if part else 1
+      elif part:
+        pos = self._place(part, pos, text, out)
+    return out
+
+  def _place(self, part: str, pos: int, text: str, out: dict,
+             first: bool = False) -> int:
+    """Puts word `part` in the first slot from `pos` on that allows it (the
+    first slot only, for the argument's first word); returns the slot
+    after it."""
+    slots = self.words[:1] if first else self.words[pos:]
+    for k, w in enumerate(slots, start=pos):
+      if not w.choices and k != pos:
+        break  # a free word (a model name) is never skipped to
+      if not w.choices or part in w.choices:
+        out[w.name] = part
+        return k + 1
+    if any(part in w.choices for w in self.words[:pos]):
+      raise ConfigError(f"'{part}' is out of place in '{text}': one word "
+                        f'per slot, in the order {self.usage()}')
+    later = [c for w in slots for c in w.choices]
+    if not later:
+      raise ConfigError(f"unexpected '{part}' in '{text}': write "
+                        f'{self.usage()}')
+    raise self._unknown(part, text, later)
+
+  def _unknown(self, part: str, text: str, choices) -> ConfigError:
+    close = difflib.get_close_matches(part.lower(), list(choices), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ''
+    where = f" in '{text}'" if text != part else ''
+    return ConfigError(f"unknown preset '{part}'{where}; {hint}use one of "
+                       f"{', '.join(choices)}: write {self.usage()}")
+
+  def _option(self, key: str, value: str, part: str, text: str) -> Any:
+    if key not in self.options:
+      close = difflib.get_close_matches(key, list(self.options), n=1)
+      hint = f"did you mean '{close[0]}'? " if close else ''
+      keys = (f"use key=value with key one of {', '.join(self.options)}"
+              if self.options else 'this file takes no key=value option')
+      raise ConfigError(f"unknown option '{part}' in '{text}'; {hint}{keys}: "
+                        f'write {self.usage()}')
+    default = self.options[key]
+    try:
+      if isinstance(default, tuple):
+        return tuple(int(v) for v in value.split('-'))
+      if isinstance(default, bool):
+        raise ValueError('no bool options')
+      return type(default)(value)
+    except ValueError:
+      raise ConfigError(f"bad value in option '{part}': expected "
+                        f'{_placeholder(default, long=True)}, e.g. {key}='
+                        f'{_example(default)}') from None
+
+
+def _placeholder(default: Any, long: bool = False) -> str:
+  if isinstance(default, tuple):
+    return 'ints joined by -' if long else 'A-B-...'
+  name = {int: ('N', 'an integer'), float: ('X', 'a number'),
+          str: ('NAME', 'a word')}.get(type(default), ('VALUE', 'a value'))
+  return name[1] if long else name[0]
+
+
+def _example(default: Any) -> str:
+  if isinstance(default, tuple):
+    return '-'.join(map(str, default)) or '8-20'
+  return str(default or {int: 2, float: 0.5}.get(type(default), 'x'))

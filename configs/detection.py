@@ -58,18 +58,16 @@ from configs import common
 
 # Presets of real photographs (`KIND,raccoon`, `KIND,coco128`).
 PHOTOS = ('raccoon', 'coco128')
+ARG = common.Grammar(
+    words=(common.Word('kind', KINDS, default='fast_rcnn'),
+           common.Word('photos', PHOTOS), common.Word('local', ('local',))),
+    default='fast_rcnn')
 
 
 def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
-  parts = (arg or 'fast_rcnn').split(',')
-  kind, rest = parts[0], parts[1:]
-  local, photo = 'local' in rest, next((r for r in rest if r in PHOTOS), '')
-  if kind not in KINDS or rest not in ([], ['local']) + tuple(
-      l for p in PHOTOS for l in ([p], [p, 'local'])):
-    raise ValueError(f"unknown preset '{arg}'; use one of "
-                     f"{', '.join(KINDS)}, optionally followed by "
-                     f"{' or '.join(repr(',' + p) for p in PHOTOS)} "
-                     "and/or ',local'")
+  """`KIND[,raccoon|coco128][,local]` (see the module docstring)."""
+  a = ARG.parse(arg)
+  kind, photo, local = a['kind'], a['photos'], bool(a['local'])
   c = config_dict.ConfigDict()
   c.task = 'detection'
   c.kind = kind
@@ -91,6 +89,8 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
   c.max_iou = 0.1
   c.background = 'noise'
   c.flip = True
+  # Photographs (raccoon, coco128, voc): boxes kept per photo, 0: every box.
+  c.max_objects_per_photo = 0
 
   c.detector = config_dict.ConfigDict()
   c.detector.widths = (16, 32, 64)
@@ -163,7 +163,6 @@ def get_config(arg: str = 'fast_rcnn') -> config_dict.ConfigDict:
     c.dataset, c.source = 'raccoon', ''
     c.canvas = 256
     c.train_examples, c.val_examples, c.test_examples = 140, 20, 0
-    c.max_objects_per_photo = 0  # keep every box
     c.detector.anchor_sizes = (48, 96, 192)
     c.proposals.train_per_image = 2000
     c.proposals.test_per_image = 2000

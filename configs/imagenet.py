@@ -15,10 +15,15 @@ released model reads (github.com/KaimingHe/deep-residual-networks).
 Far beyond a CPU; this config is for GPU/TPU hosts.
 """
 from configs import cifar10
+from configs import common
+
+ARG = common.Grammar(words=(common.Word('model', default='resnet50'),),
+                     default='resnet50')
 
 
 def get_config(arg: str = 'resnet50'):
-  c = cifar10.get_config(arg or 'resnet50')
+  """`MODEL` (a registry model for 224x224 images)."""
+  c = cifar10.get_config(ARG.parse(arg)['model'])
   c.dataset = 'imagenet2012'
   c.test_split = 'validation'
   c.in_memory = 'no'  # 1.28M images: streamed through tf.data.

@@ -34,6 +34,7 @@ from ml_collections import config_dict
 
 from cnn.tools import sweeps
 from configs import cifar10
+from configs import common
 
 PRESETS = {
     'paper': dict(steps=64_000, eval_every=1_000, factors=(0.1, 0.5),
@@ -43,11 +44,13 @@ PRESETS = {
     'local': dict(steps=4, eval_every=1, factors=(0.1,), patiences=(0, 1)),
 }
 OPTIONS = {'seeds': 1}
+ARG = common.Grammar(words=(common.Word('preset', tuple(PRESETS), 'cpu'),),
+                     options=OPTIONS, default='cpu')
 
 
 def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
   """The step-schedule member (ResNet-20, seed 0) of a preset."""
-  preset, _ = sweeps.parse_arg(arg, PRESETS, OPTIONS)
+  preset = ARG.parse(arg)['preset']
   p = PRESETS[preset]
   c = cifar10.get_config('cifar_resnet20')
   c.val_examples = 5000
@@ -72,7 +75,8 @@ def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
 
 def sweep(arg: str = 'cpu') -> list[tuple[str, dict]]:
   """The step member, then plateau members over factor x patience."""
-  preset, opts = sweeps.parse_arg(arg, PRESETS, OPTIONS)
+  opts = ARG.parse(arg)
+  preset = opts['preset']
   p = PRESETS[preset]
   out = []
   for seed in range(opts['seeds']):

@@ -13,22 +13,25 @@ CPU; LeCun et al. 1998 report 0.95 % after 20 epochs. The three seeds:
   python -m experiments.sweep --config=configs/mnist.py:lenet5 \
     --workdir=runs/mnist_lenet5
 """
+from cnn.errors import ConfigError
 from configs import cifar10
+from configs import common
+
+ARG = common.Grammar(words=(common.Word('model', default='lenet5'),),
+                     options={'seeds': 3}, default='lenet5')
 
 
 def _parse(arg: str | None) -> tuple[str, int]:
-  parts = [p for p in (arg or 'lenet5').split(',') if p]
-  seeds = 3
-  for part in parts[1:]:
-    key, _, value = part.partition('=')
-    if key != 'seeds' or not value.isdigit() or int(value) < 1:
-      raise ValueError(f"bad option '{part}'; use MODEL[,seeds=N]")
-    seeds = int(value)
-  return parts[0], seeds
+  a = ARG.parse(arg)
+  if a['seeds'] < 1:
+    raise ConfigError(f"seeds={a['seeds']} must be at least 1: write "
+                      f'{ARG.usage()}, e.g. lenet5,seeds=3')
+  return a['model'], a['seeds']
 
 
 def get_config(arg: str = 'lenet5'):
-  """Held-out metric: top-1 `error` on `test` (10,000 digits)."""
+  """`MODEL[,seeds=N]`. Held-out metric: top-1 `error` on `test` (10,000
+  digits)."""
   c = cifar10.get_config(_parse(arg)[0])
   c.dataset = 'mnist'
   c.augment = 'none'  # Flipping digits would change their meaning.

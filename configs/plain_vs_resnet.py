@@ -46,8 +46,8 @@ test error rise with depth. One member alone, e.g.:
 """
 from ml_collections import config_dict
 
-from cnn.tools import sweeps
 from configs import cifar10
+from configs import common
 
 PRESETS = {
     'paper': dict(steps=64_000, eval_every=1_000, plain=(20, 32, 44, 56),
@@ -60,11 +60,13 @@ PRESETS = {
 }
 OPTIONS = {'seeds': 0, 'depths': ()}  # 0 and (): the preset's.
 KINDS = {'plain': 'cifar_plain', 'resnet': 'cifar_resnet'}
+ARG = common.Grammar(words=(common.Word('preset', tuple(PRESETS), 'cpu'),),
+                     options=OPTIONS, default='cpu')
 
 
 def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
   """The recipe of one member (ResNet-20, seed 0) for a preset."""
-  preset, _ = sweeps.parse_arg(arg, PRESETS, OPTIONS)
+  preset = ARG.parse(arg)['preset']
   p = PRESETS[preset]
   c = cifar10.get_config('cifar_resnet20')
   steps = p['steps']
@@ -91,7 +93,8 @@ def get_config(arg: str = 'cpu') -> config_dict.ConfigDict:
 
 def sweep(arg: str = 'cpu') -> list[tuple[str, dict]]:
   """Members as (name, overrides): depth-major so pairs finish together."""
-  preset, opts = sweeps.parse_arg(arg, PRESETS, OPTIONS)
+  opts = ARG.parse(arg)
+  preset = opts['preset']
   p = PRESETS[preset]
   depths = opts['depths'] or sorted(set(p['plain']) | set(p['resnet']))
   out = []

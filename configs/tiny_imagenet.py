@@ -44,6 +44,10 @@ from ml_collections import config_dict
 from configs import common
 
 PRESETS = ('', 'cpu', 'local')
+ARG = common.Grammar(
+    words=(common.Word('model', default='resnet18_64'),
+           common.Word('preset', PRESETS[1:])),
+    default='resnet18_64,cpu')
 TRAIN_IMAGES = 50_000  # the prepared copy: 250 per class
 
 
@@ -60,47 +64,29 @@ def _narrow(model: str) -> dict:
 
 
 def get_config(arg: str = 'resnet18_64,cpu') -> config_dict.ConfigDict:
-  model, _, preset = (arg or 'resnet18_64,cpu').partition(',')
-  if preset not in PRESETS:
-    raise ValueError(f"unknown preset '{preset}'; use MODEL, MODEL,cpu or "
-                     'MODEL,local')
-  c = config_dict.ConfigDict()
-  c.task = 'classification'
-  c.model = model or 'resnet18_64'
-  c.model_kwargs = config_dict.ConfigDict(
-      _narrow(c.model) if preset else {})
-  c.num_classes = 0
-  c.dtype = 'float32'
-
-  c.dataset = 'tiny_imagenet'
-  c.data_dir = common.data_dir_field(common.data_dir())
-  c.train_split = 'train'
-  c.test_split = 'validation'
-  c.val_examples = 0
-  c.in_memory = 'auto'
-  c.augment = 'rrc_flip'
-  c.crop_area = (0.25, 1.0)
-  c.pad = 0
-  c.mean_subtraction = 'per_channel'
-  c.classes = ()
-  c.train_examples_per_class = 0
-  c.eval_batch_size = 500
-  c.label_smoothing = 0.1
-  # det_trunk: resized on the device to the detectors' 32x32 (the FC layers
-  # then see the 4x4 map of a RoI); 0 keeps the 64x64 images.
-  c.image_size = 32 if c.model == 'det_trunk' else 0
-
+  """`MODEL[,cpu|local]` (see the module docstring)."""
+  a = ARG.parse(arg)
+  model, preset = a['model'], a['preset']
   full = not preset
   batch = 256 if full else 128
   epoch = -(-TRAIN_IMAGES // batch)  # 391 steps of 128, 196 of 256
   epochs = 60 if full else 12
-  common.add_training_fields(
-      c, batch_size=batch, num_train_steps=epochs * epoch,
-      learning_rate=0.1 * batch / 128, weight_decay=5e-4,
-      lr_schedule='cosine', warmup='linear', warmup_steps=2 * epoch,
-      warmup_lr=0.01, decay_bn_and_bias=False, plateau_monitor='test',
-      eval_every_steps=epoch, checkpoint_every_steps=epoch,
-      log_every_steps=23)
+  c = common.classification(
+      model, 'tiny_imagenet', common.data_dir(), batch_size=batch,
+      num_train_steps=epochs * epoch, learning_rate=0.1 * batch / 128,
+      weight_decay=5e-4, lr_schedule='cosine', warmup='linear',
+      warmup_steps=2 * epoch, warmup_lr=0.01, decay_bn_and_bias=False,
+      plateau_monitor='test', eval_every_steps=epoch,
+      checkpoint_every_steps=epoch, log_every_steps=23)
+  c.model_kwargs = config_dict.ConfigDict(_narrow(model) if preset else {})
+  c.test_split = 'validation'
+  c.augment = 'rrc_flip'
+  c.pad = 0
+  c.mean_subtraction = 'per_channel'
+  c.label_smoothing = 0.1
+  # det_trunk: resized on the device to the detectors' 32x32 (the FC layers
+  # then see the 4x4 map of a RoI); 0 keeps the 64x64 images.
+  c.image_size = 32 if model == 'det_trunk' else 0
   c.nesterov = True
   if preset == 'local':
     c.train_split, c.test_split = 'train[:512]', 'validation[:250]'

@@ -24,7 +24,7 @@ import math
 import os
 import re
 import statistics
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from cnn.errors import ConfigError
 from cnn.training import run_folder
@@ -54,49 +54,6 @@ def product(**axes: Sequence[Any]) -> list[dict]:
   keys = list(axes)
   return [dict(zip(keys, values))
           for values in itertools.product(*(axes[k] for k in keys))]
-
-
-def parse_arg(arg: str | None, presets: Iterable[str],
-              options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-  """Splits a sweep argument `PRESET[,key=value,...]`.
-
-  Args:
-    arg: e.g. `'cpu'` or `'paper,seeds=3,depths=20-56'`; None or '' picks
-      the first preset.
-    presets: the allowed preset names.
-    options: allowed keys with their defaults; a value is converted to the
-      default's type (an int, or a tuple of ints written `a-b-c`).
-
-  Returns:
-    The preset and the options with the given ones replaced.
-  """
-  presets = list(presets)
-  parts = [p.strip() for p in (arg or presets[0]).split(',') if p.strip()]
-  preset = parts[0] if parts else presets[0]
-  if preset not in presets:
-    import difflib  # pylint: disable=g-import-not-at-top
-    close = difflib.get_close_matches(preset.lower(), presets, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ''
-    raise ConfigError(f"unknown preset '{preset}'; {hint}use one of "
-                      f'{", ".join(presets)} (e.g. file.py:{presets[0]})')
-  out = dict(options)
-  for part in parts[1:]:
-    key, eq, value = part.partition('=')
-    if not eq or key not in options:
-      raise ConfigError(f"bad sweep option '{part}'; use key=value with key "
-                        f'one of {", ".join(options) or "(none)"}')
-    default = options[key]
-    try:
-      if isinstance(default, tuple):
-        out[key] = tuple(int(v) for v in value.split('-'))
-      else:
-        out[key] = type(default)(value)
-    except ValueError:
-      expected = ('ints joined by -' if isinstance(default, tuple)
-                  else type(default).__name__)
-      raise ConfigError(f"bad value in sweep option '{part}'; expected "
-                        f'{expected}') from None
-  return preset, out
 
 
 def load_module(path: str):

@@ -309,8 +309,8 @@ def test_unknown_config_preset_is_one_line(tmp_path):
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert [l for l in proc.stderr.splitlines() if l.startswith('error:')] == [
       "error: bad --config: unknown preset 'yolo'; use one of rcnn, "
-      "fast_rcnn, faster_rcnn, optionally followed by ',raccoon' or "
-      "',coco128' and/or ',local'"]
+      "fast_rcnn, faster_rcnn: write rcnn|fast_rcnn|faster_rcnn"
+      "[,raccoon|coco128][,local]"]
 
 
 def test_label_smoothing_and_the_fast_preset():
