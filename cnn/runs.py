@@ -38,10 +38,16 @@ from cnn.training import transfer
 
 # The step's numerics (configs/common.py).
 NUMERICS = ('conv', 'conv_weight_grad', 'xla_cpu_conv', 'xla_cpu_fusion')
+# Every field the training loop reads, whatever the task
+# (configs/common.py: add_training_fields).
 REQUIRED_FIELDS = NUMERICS + (
-    'task', 'batch_size', 'num_train_steps', 'seed', 'learning_rate',
-    'lr_schedule', 'weight_decay', 'momentum', 'eval_every_steps',
-    'checkpoint_every_steps')
+    'task', 'dataset', 'data_dir', 'init_from', 'freeze', 'new_head',
+    'batch_size', 'num_train_steps', 'seed', 'learning_rate', 'lr_schedule',
+    'lr_milestones', 'lr_milestone_fractions', 'lr_factor', 'plateau',
+    'warmup_steps', 'warmup_lr', 'warmup', 'momentum', 'nesterov',
+    'weight_decay', 'decay_bn_and_bias', 'eval_every_steps',
+    'checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints',
+    'tensorboard')
 
 
 def validate_config(config, task) -> None:
@@ -52,7 +58,7 @@ def validate_config(config, task) -> None:
                       'configs/')
   for field in ('batch_size', 'eval_every_steps', 'checkpoint_every_steps',
                 'log_every_steps'):
-    if field in config and int(config[field]) < 1:
+    if int(config[field]) < 1:
       raise ConfigError(f'{field}={config[field]} must be a positive integer')
   if int(config.num_train_steps) < 0:
     raise ConfigError(f'num_train_steps={config.num_train_steps} must be >= 0 '
@@ -120,7 +126,7 @@ class Run:
     self._train_step = None
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, 'checkpoints'),
-        keep=config.get('keep_checkpoints', 2),
+        keep=config.keep_checkpoints,
         best_mode=self.task.metric_mode, read_only=read_only)
 
   def _init_variables(self, rng):
@@ -244,7 +250,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
       with _recorded_numerics(workdir):
         if sharding.is_primary():  # the data may take minutes to read
-          print(console.data_line(config), flush=True)
+          print(console.data_line(task.data_name(), config.data_dir),
+                flush=True)
         return loop.train(Run(config, workdir, task), workdir)
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, UserError) or not checkpointing.is_disk_full(e):
@@ -267,22 +274,16 @@ def _recorded_numerics(workdir: str):
 
 
 def load_config(workdir: str):
-  """The ConfigDict of a run folder's config.json."""
+  """The ConfigDict of a run folder's config.json, completed where it
+  predates a field (`run_folder.complete`)."""
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   saved = run_folder.read_config(workdir)
   if saved is None:
     raise ConfigError(f'{os.path.join(workdir, "config.json")} not found: '
                       '--workdir must be a training run folder')
-  config = config_dict.ConfigDict(saved)
-  for field in NUMERICS:
-    # Runs written before these fields existed (see run_folder.resume_check).
-    if field not in config:
-      config[field] = 'auto'
-  if 'task' not in config:
-    # Runs written before config.task existed.
-    config.task = ('detection' if 'kind' in config else
-                   'localization' if 'stage' in config else 'classification')
-  return config
+  # A run recorded before some field existed: its value then
+  # (run_folder.RECORD_DEFAULTS).
+  return config_dict.ConfigDict(run_folder.complete(saved))
 
 
 def restore_run(workdir: str, checkpoint: str | int = 'latest',

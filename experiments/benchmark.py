@@ -148,7 +148,7 @@ def _benchmark(config):
   if bs < 1 or ebs < 1 or _STEPS.value < 1:
     raise ConfigError('--batch_size, --eval_batch_size and --steps must be '
                       'positive')
-  dtype = _DTYPE.value or config.get('dtype', 'float32')
+  dtype = _DTYPE.value or config.dtype
   if _LAYERS.value:
     return _layers(config, bs)
 
@@ -201,8 +201,7 @@ def _benchmark(config):
     except ImportError:
       raise ConfigError("--torch needs PyTorch: pip install '.[torch]'") from None
     try:
-      net = tr.model_from_name(config.model,
-                               **dict(config.get('model_kwargs', {})))
+      net = tr.model_from_name(config.model, **dict(config.model_kwargs))
     except (ValueError, TypeError) as e:
       raise ConfigError(str(e)) from None
     tdtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
@@ -283,9 +282,9 @@ def _layers(config, bs: int):
   from cnn.ops import conv as conv_ops  # pylint: disable=g-import-not-at-top
   from cnn.tools import benchmarking as bm  # pylint: disable=g-import-not-at-top
   name = config.model
-  model = models.get_model(name, num_classes=config.get('num_classes') or
+  model = models.get_model(name, num_classes=config.num_classes or
                            models.default_num_classes(name),
-                           **dict(config.get('model_kwargs', {})))
+                           **dict(config.model_kwargs))
   shapes = bm.conv_shapes(model, models.default_input_shape(name), bs)
   tr = None
   if _TORCH.value:

@@ -209,20 +209,22 @@ class Datasets:
 def get_datasets(config) -> Datasets:
   """Loads the train and held-out splits named by `config`."""
   num_classes, shape = dataset_info(config.dataset, config.data_dir)
-  in_memory = str(config.get('in_memory', 'auto')).strip().lower()
+  in_memory = str(config.in_memory).strip().lower()
   if in_memory not in ('auto', 'yes', 'no', 'true', 'false'):
     raise ConfigError(f"in_memory={config.in_memory!r}: use 'auto' (in "
                       "memory when the images have one fixed size), 'yes' "
                       "or 'no' (stream through tf.data)")
   in_memory = (None not in shape if in_memory == 'auto'
                else in_memory in ('yes', 'true'))
-  classes = tuple(int(c) for c in (config.get('classes', ()) or ()))
-  per_class = int(config.get('train_examples_per_class', 0) or 0)
+  classes = tuple(int(c) for c in (config.classes or ()))
+  per_class = int(config.train_examples_per_class or 0)
   if not in_memory:
     if classes or per_class:
       raise DataError('classes / train_examples_per_class need an in-memory '
                       f"dataset; '{config.dataset}' streams: leave them unset")
-    return _streaming_datasets(config, num_classes)
+    # Streamed images have no one size: 224 unless image_size says.
+    return _streaming_datasets(config, num_classes,
+                               int(config.image_size or 0) or 224)
   # The boxes come along where the dataset has them (Tiny ImageNet), for
   # localization and for pictures; classification ignores them.
   boxes = has_boxes(config.dataset, config.data_dir)
@@ -388,8 +390,7 @@ def _pad_batch(tf, batch, bs):
           for key, v in batch.items()}
 
 
-def _streaming_datasets(config, num_classes: int) -> Datasets:
-  size = int(config.get('image_size', 224))
+def _streaming_datasets(config, num_classes: int, size: int) -> Datasets:
   evals = {}
   if config.test_split:
     evals['test'] = StreamingSplit(config, config.test_split, False, size)

@@ -33,10 +33,10 @@ def get(config):
   Raises:
     ConfigError: the config names no task or an unknown one.
   """
-  name = config.get('task', None)
-  if not name:
+  if 'task' not in config or not config.task:
     raise ConfigError('config has no task field; start from a config in '
                       f"configs/ (task is one of {', '.join(names())})")
+  name = config.task
   if name not in _REGISTRY and name in _BUILTIN:
     importlib.import_module(_BUILTIN[name])  # registers itself
   if name not in _REGISTRY:

@@ -89,20 +89,32 @@ class Task:
     """What a checkpoint must match: {'model': ..., 'dataset': ...}."""
     return {'model': self.config.model, 'dataset': self.config.dataset}
 
+  def data_name(self) -> str:
+    """What the run reads, for its first line ('loading NAME from ...')."""
+    return str(self.config.dataset)
+
   def freeze_spec(self) -> str:
     """Parameters to freeze (`transfer.freeze_masks` syntax)."""
-    return self.config.get('freeze', '') or ''
+    return self.config.freeze
 
   def load_init_from(self, spec: str, params, batch_stats):
     """(params, batch_stats, message) with the weights of another run
     (`config.init_from`); by default a run of the same model."""
     return transfer.load_pretrained(
         spec, self.meta()['model'], params, batch_stats,
-        new_head=self.config.get('new_head', False))
+        new_head=self.config.new_head)
 
   def picture(self, model, variables: dict, data, path: str) -> None:
     """Draws predictions on held-out images to a PNG (optional)."""
     raise ConfigError(f"task '{self.name}' draws no pictures")
+
+
+def canvases_name(config) -> str:
+  """`Task.data_name` of the tasks that paste `config.source`'s images on
+  canvases where `config.dataset` is 'synthetic' (localization, detection)."""
+  if config.dataset == 'synthetic' and config.source:
+    return f'synthetic canvases of {config.source}'
+  return str(config.dataset)
 
 
 def unknown_value(field: str, value: Any, choices) -> ConfigError:

@@ -159,18 +159,17 @@ def jax_setup(config, batch_size: int, eval_batch_size: int,
     mean: training mean; zeros of the image shape when None.
   """
   name = config.model
-  num_classes = config.get('num_classes') or models.default_num_classes(name)
+  num_classes = config.num_classes or models.default_num_classes(name)
   image_shape = tuple(models.default_input_shape(name))
-  dtype = DTYPES[dtype or config.get('dtype', 'float32')]
+  dtype = DTYPES[dtype or config.dtype]
   model = models.get_model(name, num_classes=num_classes, dtype=dtype,
-                           **dict(config.get('model_kwargs', {})))
+                           **dict(config.model_kwargs))
   tx = optim.make_optimizer(config)
   schedule = optim.make_schedule(config)
   if mean is None:
     mean = np.zeros(image_shape, np.float32)
   loss_fn = classification.make_loss_fn(
-      model, mean, augment=config.get('augment', 'crop_flip'),
-      pad=config.get('pad', 4), dtype=dtype)
+      model, mean, augment=config.augment, pad=config.pad, dtype=dtype)
   if compiler_options == 'default':
     compiler_options = compiler.train_step_options()
   train_step = step_lib.make_train_step(loss_fn, tx, schedule,

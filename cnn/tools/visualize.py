@@ -321,7 +321,7 @@ def _class_names(config) -> list[str] | None:
     names = input_pipeline.class_names(config.dataset, config.data_dir)
   except Exception:  # pylint: disable=broad-except
     return None  # no names in the dataset's metadata: numbers instead
-  classes = tuple(config.get('classes', ()) or ())
+  classes = tuple(config.classes or ())
   return [names[int(c)] for c in classes] if classes else names
 
 
@@ -408,7 +408,7 @@ def write_all(workdir: str, checkpoint: str | int = 'latest',
   out = out or os.path.join(workdir, 'visualize')
   variables = state.variables
   pixels, labels = held_out(run.data.evals[split], images)
-  size = int(run.config.get('image_size', 0) or 0)
+  size = int(run.config.image_size or 0)
   if size and pixels.shape[1:3] != (size, size):
     # A run that resizes its inputs (transfer to another input size) sees
     # them at that size: so do its filters, patches and occlusions here.

@@ -26,14 +26,15 @@ import threading
 from typing import Callable
 
 
-def data_line(config) -> str:
-  """`loading DATASET from FOLDER ...`: the first line of a run, printed
-  before its data is read (which may take minutes)."""
-  name = str(config.get('dataset', '') or 'the data')
-  source = config.get('source', '')
-  if name == 'synthetic' and source:
-    name = f'synthetic canvases of {source}'
-  folder = config.get('data_dir', None)
+def data_line(name: str, folder: str | None) -> str:
+  """`loading NAME from FOLDER ...`: the first line of a run, printed
+  before its data is read (which may take minutes).
+
+  Args:
+    name: what the run reads (the task's `data_name()`).
+    folder: the config's `data_dir`; '' or None is TFDS's default folder.
+  """
+  name = name or 'the data'
   if not folder:  # TFDS's default folder
     env = os.environ.get('TFDS_DATA_DIR')
     folder = (f'$TFDS_DATA_DIR ({env})' if env

@@ -35,16 +35,14 @@ from cnn.training import run_folder
 from cnn.training import sharding
 
 
-def log_interval(config) -> int:
+def log_interval(log_every: int, eval_every: int, checkpoint_every: int) -> int:
   """Train-log interval dividing the eval and checkpoint intervals.
 
   Train metrics are averaged over the steps since the previous log point;
   aligning log points with checkpoints keeps that window identical after a
   resume.
   """
-  return math.gcd(int(config.get('log_every_steps', 100)),
-                  int(config.eval_every_steps),
-                  int(config.checkpoint_every_steps))
+  return math.gcd(int(log_every), int(eval_every), int(checkpoint_every))
 
 
 def _check_finite(window: list, first_step: int, checkpointer,
@@ -250,7 +248,9 @@ class Trainer:
     self.run, self.workdir = run, workdir
     config = run.config
     self.total = int(config.num_train_steps)
-    self.log_every = log_interval(config)
+    self.log_every = log_interval(config.log_every_steps,
+                                  config.eval_every_steps,
+                                  config.checkpoint_every_steps)
     self.primary = sharding.is_primary()
     self.state, self.s, saved_meta = self._start()
     self.window, self.window_start = _saved_window(saved_meta or {}, self.s)

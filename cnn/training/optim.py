@@ -47,13 +47,13 @@ def make_optimizer(config) -> optax.GradientTransformation:
   """
   parts = []
   if config.weight_decay:
-    decay_bn_and_bias = config.get('decay_bn_and_bias', True)
+    decay_bn_and_bias = config.decay_bn_and_bias
     parts.append(optax.add_decayed_weights(
         config.weight_decay,
         mask=lambda p: decay_mask(p, decay_bn_and_bias)))
   if config.momentum:
     parts.append(optax.trace(decay=config.momentum,
-                             nesterov=config.get('nesterov', False)))
+                             nesterov=config.nesterov))
   return optax.chain(*parts) if parts else optax.identity()
 
 
@@ -61,7 +61,7 @@ def milestone_steps(config) -> tuple[int, ...]:
   """The step schedule's milestones: `lr_milestones` (steps), or
   `lr_milestone_fractions` of `num_train_steps` (they follow the length of
   the run: 0.5 and 0.75 are He et al.'s 32k and 48k of 64k)."""
-  fractions = tuple(config.get('lr_milestone_fractions', ()) or ())
+  fractions = tuple(config.lr_milestone_fractions or ())
   if fractions:
     total = int(config.num_train_steps)
     return tuple(int(round(f * total)) for f in fractions)
@@ -100,11 +100,11 @@ def make_schedule(config) -> Callable[[jnp.ndarray], jnp.ndarray]:
       del step
       return jnp.asarray(base, jnp.float32)
 
-  warmup_steps = int(config.get('warmup_steps', 0))
+  warmup_steps = int(config.warmup_steps)
   if not warmup_steps:
     return lambda step: jnp.asarray(sched(step), jnp.float32)
   warmup_lr = float(config.warmup_lr)
-  warmup = config.get('warmup', 'constant')
+  warmup = config.warmup
   if warmup not in ('constant', 'linear'):
     raise ConfigError(f"warmup='{warmup}' is unknown; use constant or linear")
 
@@ -189,8 +189,8 @@ def validate(config) -> None:
     raise ConfigError(f'momentum={config.momentum} must be in [0, 1)')
   if config.weight_decay < 0:
     raise ConfigError(f'weight_decay={config.weight_decay} must be >= 0')
-  fractions = tuple(config.get('lr_milestone_fractions', ()) or ())
-  milestones = tuple(config.get('lr_milestones', ()) or ())
+  fractions = tuple(config.lr_milestone_fractions or ())
+  milestones = tuple(config.lr_milestones or ())
   if not all(_is_number(m) and float(m).is_integer() and m >= 0
              for m in milestones):
     raise ConfigError(f'lr_milestones={milestones} must be steps (integers '
@@ -215,7 +215,7 @@ def _validate_warmup(config) -> None:
   """A warm-up must end inside the run, and before the first milestone
   (else the rate the schedule warms up to is never used)."""
   total = int(config.num_train_steps)
-  warmup = int(config.get('warmup_steps', 0) or 0)
+  warmup = int(config.warmup_steps or 0)
   if warmup < 0:
     raise ConfigError(f'warmup_steps={warmup} must be >= 0 (0: none)')
   if not warmup or total <= 0:  # 0 steps: evaluate only
@@ -238,8 +238,8 @@ def schedule_notes(config) -> list[str]:
   """What the start of a run says about its schedule: step milestones
   given in steps that lie beyond the run, so they never lower the rate."""
   total = int(config.num_train_steps)
-  if config.lr_schedule != 'step' or total <= 0 or tuple(
-      config.get('lr_milestone_fractions', ()) or ()):
+  if (config.lr_schedule != 'step' or total <= 0
+      or tuple(config.lr_milestone_fractions or ())):
     return []
   late = [m for m in milestone_steps(config) if m >= total]
   if not late:

@@ -14,6 +14,9 @@
   plateau; not cosine, nor milestones given as fractions of the run).
   When config.json is gone, the config carried by the latest checkpoint
   (`config_of_checkpoint`) stands in for it.
+* `complete(saved)`: a config.json written before some field was declared,
+  with what the library did without it (`RECORD_DEFAULTS`, the one table of
+  such defaults), so an old run loads, evaluates and resumes unchanged.
 * `read_numerics` / `write_numerics`: the choices that change a run's
   numbers but are made by measurement, not by the config (the convolution's
   weight-gradient chunk count per shape, `cnn.ops.conv.run_plan`), recorded
@@ -23,6 +26,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
 import json
@@ -44,6 +48,50 @@ FRESH_ONLY = ('init_from', 'new_head')
 # The step's numerics (configs/common.py): the steps that follow differ from
 # the other's by float32 rounding, so a change is allowed and said.
 ROUNDING = ('conv', 'conv_weight_grad', 'xla_cpu_conv', 'xla_cpu_fusion')
+
+# What the library did where a run's config.json lacks a field (a run
+# recorded before configs/ declared it), by task ('': every task); dotted
+# keys are nested fields. History, not today's defaults: a config file that
+# later changes a default does not change how an old run was trained.
+RECORD_DEFAULTS = {
+    '': {
+        # The step's numerics were environment variables, 'auto' when unset.
+        'conv': 'auto', 'conv_weight_grad': 'auto', 'xla_cpu_conv': 'auto',
+        'xla_cpu_fusion': 'auto',
+        'lr_milestones': [], 'lr_milestone_fractions': [], 'warmup_steps': 0,
+        'warmup': 'constant', 'nesterov': False, 'decay_bn_and_bias': True,
+        'log_every_steps': 100, 'keep_checkpoints': 2,
+        'init_from': '', 'freeze': '', 'new_head': False,
+    },
+    'classification': {
+        'model_kwargs': {}, 'num_classes': 0, 'dtype': 'float32',
+        'in_memory': 'auto', 'augment': 'crop_flip', 'pad': 4,
+        'crop_area': [0.25, 1.0], 'image_size': 0, 'classes': [],
+        'train_examples_per_class': 0, 'label_smoothing': 0.0,
+    },
+    'localization': {'model_kwargs': {}},
+    'detection': {'max_objects_per_photo': 0,
+                  'inference.nms_candidates': 256},
+}
+
+
+def complete(saved: dict) -> dict:
+  """A run's saved config (config.json, or a checkpoint's copy) with the
+  fields it lacks at the values it was run with (`RECORD_DEFAULTS`); a
+  record from before config.task gets the task its fields name."""
+  out = copy.deepcopy(saved)
+  if 'task' not in out:
+    out['task'] = ('detection' if 'kind' in out else
+                   'localization' if 'stage' in out else 'classification')
+  for key, value in {**RECORD_DEFAULTS[''],
+                     **RECORD_DEFAULTS.get(out['task'], {})}.items():
+    *parents, leaf = key.split('.')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    if isinstance(node, dict):
+      node.setdefault(leaf, copy.deepcopy(value))
+  return out
 
 
 class WorkdirInUse(UserError):
@@ -90,16 +138,12 @@ def resume_check(saved: dict, config, start: int) -> list[str]:
     ConfigError: one line naming every field that would change the run.
   """
   new = _flat(as_json(config))
-  old = _flat(saved)
-  # Runs written before config.task existed.
-  old.setdefault('task', new.get('task'))
-  # A field that a later version added, at its neutral value (0, '', (),
-  # False: off), is how the run was trained; so is a numerics field at
-  # 'auto' (runs before these fields read the choice from environment
-  # variables, 'auto' when unset).
+  # A run recorded before a field existed ran with RECORD_DEFAULTS' value.
+  old = _flat(complete(saved))
+  # A field added later that the table does not name, at its neutral value
+  # (0, '', (), False: off), is how the run was trained.
   for k, v in new.items():
-    if k not in old and (v in (0, '', [], False, None)
-                         or (k in ROUNDING and v == 'auto')):
+    if k not in old and v in (0, '', [], False, None):
       old[k] = v
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   bad, notes = [], []

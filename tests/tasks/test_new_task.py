@@ -73,7 +73,7 @@ def test_a_new_task_trains_on_the_one_loop(tmp_path):
   tasks.register('segmentation', SegmentationTask)
   c = common.add_training_fields(
       config_dict.ConfigDict({'task': 'segmentation', 'model': 'seg',
-                                   'dataset': 'canvases'}),
+                                   'dataset': 'canvases', 'data_dir': ''}),
       batch_size=4, num_train_steps=4, learning_rate=0.1, weight_decay=0.0,
       eval_every_steps=2, checkpoint_every_steps=2, log_every_steps=1,
       keep_checkpoints=1)

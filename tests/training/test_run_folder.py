@@ -404,3 +404,52 @@ def test_milestones_beyond_the_run_are_said_on_stderr(tmp_path, capsys):
   assert ('schedule: lr_milestones 32000, 48000 lie at or beyond '
           'num_train_steps=2') in err
   assert 'schedule:' not in out
+
+
+def test_a_run_recorded_before_fields_were_declared_loads_and_resumes(
+    two_steps, tmp_path, capsys):
+  """Issue 34: the config.json of a run from before configs/ declared the
+  fields the library read with defaults of its own (crop_area, image_size,
+  decay_bn_and_bias, keep_checkpoints, ...) and before config.task loads
+  with their values then (run_folder.RECORD_DEFAULTS), evaluates, and
+  resumes without a change said."""
+  wd = copy(two_steps, tmp_path / 'old_run')
+  saved = json.loads((wd / 'config.json').read_text())
+  table = {**run_folder.RECORD_DEFAULTS[''],
+           **run_folder.RECORD_DEFAULTS['classification']}
+  # An older version wrote none of the fields at the value then read.
+  gone = {k for k, v in table.items() if saved.get(k) == v} | {'task'}
+  assert {'crop_area', 'image_size', 'decay_bn_and_bias', 'warmup', 'pad',
+          'keep_checkpoints', 'conv', 'model_kwargs', 'in_memory'} <= gone
+  old = {k: v for k, v in saved.items() if k not in gone}
+  (wd / 'config.json').write_text(json.dumps(old))
+  assert run_folder.complete(old) == saved
+  config = runs.load_config(str(wd))
+  assert run_folder.as_json(config) == saved
+  with tfds.testing.mock_data(num_examples=24):
+    result = runs.evaluate_checkpoint(str(wd), 'test')
+  assert result['step'] == 2 and 0.0 <= result['error'] <= 1.0
+  capsys.readouterr()
+  train(small_config('lenet5', steps=4), wd)
+  out = capsys.readouterr().out
+  notes = [l for l in out.splitlines() if l.startswith('resuming with')]
+  assert 'resuming from step 2' in out, out
+  assert notes == ['resuming with num_train_steps 2 -> 4'], notes
+  assert json.loads((wd / 'config.json').read_text())['num_train_steps'] == 4
+
+
+def test_the_committed_fig6_records_resume_with_todays_config():
+  """results/plain_vs_resnet_fig6/runs: recorded before crop_area,
+  image_size and three numerics fields were declared; today's fig6 member
+  config (the record's model, seed, data and log cadence) is no change."""
+  from configs import plain_vs_resnet  # pylint: disable=g-import-not-at-top
+  paths = sorted((ROOT / 'results' / 'plain_vs_resnet_fig6' / 'runs').glob(
+      '*/config.json'))
+  assert paths
+  for path in paths:
+    saved = json.loads(path.read_text())
+    assert 'crop_area' not in saved and 'xla_cpu_fusion' not in saved
+    c = plain_vs_resnet.get_config('fig6')
+    for k in ('model', 'seed', 'dataset', 'data_dir', 'log_every_steps'):
+      c[k] = saved[k]
+    assert run_folder.resume_check(saved, c, 391) == [], path

@@ -56,15 +56,16 @@ def test_what_loads_and_the_compilation_are_said_before_they_start(
 
 
 def test_the_data_line_names_the_dataset_and_its_folder(monkeypatch):
-  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
-  c = config_dict.ConfigDict(dict(dataset='cifar10_jpeg',
-                                  data_dir='../shared/data/tfds'))
-  assert console.data_line(c) == (
+  from cnn import tasks  # pylint: disable=g-import-not-at-top
+  from configs import cifar10, localization  # pylint: disable=g-import-not-at-top
+  c = cifar10.get_config('lenet5')
+  c.dataset, c.data_dir = 'cifar10_jpeg', '../shared/data/tfds'
+  assert console.data_line(tasks.get(c).data_name(), c.data_dir) == (
       'loading cifar10_jpeg from ../shared/data/tfds ...')
   monkeypatch.setenv('TFDS_DATA_DIR', '/data/tfds')
-  c = config_dict.ConfigDict(dict(dataset='synthetic', source='cifar10',
-                                  data_dir=''))
-  assert console.data_line(c) == (
+  c = localization.get_config('local')
+  c.source, c.data_dir = 'cifar10', ''
+  assert console.data_line(tasks.get(c).data_name(), c.data_dir) == (
       'loading synthetic canvases of cifar10 from $TFDS_DATA_DIR '
       '(/data/tfds) ...')
 

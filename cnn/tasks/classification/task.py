@@ -22,7 +22,12 @@ from cnn.tasks import base
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 AUGMENTS = ('crop_flip', 'rrc_flip', 'flip', 'none')
-REQUIRED_FIELDS = ('model', 'dataset', 'data_dir', 'eval_batch_size')
+# Every field the task reads (configs/common.py: classification).
+REQUIRED_FIELDS = (
+    'model', 'model_kwargs', 'num_classes', 'dtype', 'dataset', 'data_dir',
+    'train_split', 'test_split', 'val_examples', 'in_memory', 'augment', 'pad',
+    'crop_area', 'image_size', 'mean_subtraction', 'classes',
+    'train_examples_per_class', 'eval_batch_size', 'label_smoothing')
 
 
 def cross_entropy(logits, labels):
@@ -31,9 +36,9 @@ def cross_entropy(logits, labels):
 
 
 def model_kwargs(config, num_classes: int) -> dict:
-  kwargs = dict(config.get('model_kwargs', {}))
-  kwargs['num_classes'] = config.get('num_classes') or num_classes
-  kwargs['dtype'] = DTYPES[config.get('dtype', 'float32')]
+  kwargs = dict(config.model_kwargs)
+  kwargs['num_classes'] = config.num_classes or num_classes
+  kwargs['dtype'] = DTYPES[config.dtype]
   return kwargs
 
 
@@ -195,13 +200,13 @@ class ClassificationTask(base.Task):
     if missing:
       raise ConfigError(f'config lacks fields {missing}; start from a config '
                         'in configs/')
-    if config.get('dtype', 'float32') not in DTYPES:
+    if config.dtype not in DTYPES:
       raise ConfigError(f"dtype='{config.dtype}' is unknown; use float32 or "
                         'bfloat16')
-    if not 0.0 <= float(config.get('label_smoothing', 0.0)) < 1.0:
+    if not 0.0 <= float(config.label_smoothing) < 1.0:
       raise ConfigError(f'label_smoothing={config.label_smoothing} must be in '
                         '[0, 1)')
-    if config.get('augment', 'crop_flip') not in AUGMENTS:
+    if config.augment not in AUGMENTS:
       raise base.unknown_value('augment', config.augment, AUGMENTS)
     if config.lr_schedule == 'plateau':
       monitor = config.plateau.monitor
@@ -228,7 +233,7 @@ class ClassificationTask(base.Task):
 
   def input_shape(self, data) -> tuple:
     """(H, W, C) the net sees: the data's, or image_size x image_size."""
-    size = int(self.config.get('image_size', 0) or 0)
+    size = int(self.config.image_size)
     if not size:
       return tuple(data.image_shape)
     return (size, size, data.image_shape[-1])
@@ -237,25 +242,23 @@ class ClassificationTask(base.Task):
     return init_variables(model, self.input_shape(data), rng)
 
   def _dtype(self):
-    return DTYPES[self.config.get('dtype', 'float32')]
+    return DTYPES[self.config.dtype]
 
   def loss_fn(self, model, data):
     c = self.config
     return make_loss_fn(
         model, data.mean,
         augment=c.augment if data.train is not None else 'none',
-        pad=c.get('pad', 4), dtype=self._dtype(),
-        label_smoothing=float(c.get('label_smoothing', 0.0)),
-        crop_area=tuple(c.get('crop_area', (0.25, 1.0))),
-        image_size=int(c.get('image_size', 0) or 0))
+        pad=c.pad, dtype=self._dtype(),
+        label_smoothing=float(c.label_smoothing),
+        crop_area=tuple(c.crop_area), image_size=int(c.image_size))
 
   def evaluate(self, model, variables, data, split, *, final, shard) -> dict:
     """Loss and top-1 error over the whole split (no example dropped)."""
     del final
     if self._eval_step is None:
       self._eval_step = make_eval_step(
-          model, data.mean, self._dtype(),
-          int(self.config.get('image_size', 0) or 0))
+          model, data.mean, self._dtype(), int(self.config.image_size))
     eval_data = data.evals[split]
     if isinstance(eval_data, input_pipeline.ArrayData):
       batches = input_pipeline.eval_batches(eval_data,

@@ -117,7 +117,7 @@ class Predictor:
         canvas=spec.canvas, score_threshold=te.score_threshold,
         nms_iou=te.nms_iou, per_class=te.per_class,
         max_detections=te.max_detections,
-        candidates=int(te.get('nms_candidates', NMS_CANDIDATES)))
+        candidates=int(te.nms_candidates))
     post = functools.partial(postprocess, **self.post_kwargs)
     self.chunk = int(te.rcnn_chunk)
 

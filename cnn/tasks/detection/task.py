@@ -76,7 +76,7 @@ def photos(config, split: str, limit: int) -> synth.DetectionData:
   data = objects.load_objects(config.dataset, split, config.data_dir,
                               shorter_side=side, max_side=side,
                               limit=limit or None)
-  cap = int(config.get('max_objects_per_photo', 0) or 0)
+  cap = int(config.max_objects_per_photo)
   b = data.batch(np.arange(len(data.images)), shape=(side, side),
                  multiple=1, max_boxes=cap or max(data.max_boxes, 1))
   classes = np.where(b['gt_valid'], b['gt_classes'], -1).astype(np.int32)
@@ -285,6 +285,9 @@ class DetectionTask(base.Task):
     side = self.spec.crop if self.spec.kind == 'rcnn' else self.spec.canvas
     x = jnp.zeros((1, side, side, 3), jnp.float32)
     return jax.jit(lambda r: model.init(r, x))(rng)
+
+  def data_name(self) -> str:
+    return base.canvases_name(self.config)
 
   def meta(self) -> dict:
     c = self.config

@@ -93,7 +93,7 @@ def make_model(config, num_classes: int) -> tuple[LocalizationNet, int]:
   Raises:
     ConfigError: unknown model, or a model without an FC head on a trunk.
   """
-  kwargs = dict(config.get('model_kwargs', {}) or {})
+  kwargs = dict(config.model_kwargs)
   try:
     base = models.get_model(config.model, num_classes=num_classes, **kwargs)
     features = fully_conv.trunk_of(base)

@@ -186,6 +186,9 @@ class LocalizationTask(base.Task):
                   jnp.float32)
     return jax.jit(lambda r: model.init(r, x, train=False))(rng)
 
+  def data_name(self) -> str:
+    return base.canvases_name(self.config)
+
   def meta(self) -> dict:
     c = self.config
     return {'model': f'localizer/{c.model}/{c.attach}',
@@ -196,7 +199,7 @@ class LocalizationTask(base.Task):
     `classify` stage trains the trunk and the class head)."""
     return transfer.load_pretrained(
         spec, self.meta()['model'], params, batch_stats,
-        new_head=self.config.get('new_head', False),
+        new_head=self.config.new_head,
         other_model_fix=self._init_from_fix)
 
   def _init_from_fix(self, saved: str | None) -> str:
