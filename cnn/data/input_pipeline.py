@@ -222,9 +222,11 @@ def get_datasets(config) -> Datasets:
     if classes or per_class:
       raise DataError('classes / train_examples_per_class need an in-memory '
                       f"dataset; '{config.dataset}' streams: leave them unset")
-    # Streamed images have no one size: 224 unless image_size says.
+    # Streamed at image_size when set, else at the images' own size where
+    # they have one (Tiny ImageNet streamed on request), else 224.
+    own = shape[0] if None not in shape else 0
     return _streaming_datasets(config, num_classes,
-                               int(config.image_size or 0) or 224)
+                               int(config.image_size or 0) or own or 224)
   # The boxes come along where the dataset has them (Tiny ImageNet), for
   # localization and for pictures; classification ignores them.
   boxes = has_boxes(config.dataset, config.data_dir)

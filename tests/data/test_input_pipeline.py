@@ -77,3 +77,15 @@ def test_real_cifar10_jpeg_loads_whole_splits():
   assert test.images.shape == (10000, 32, 32, 3)
   assert test.images.dtype == np.uint8
   assert np.bincount(test.labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize('image_size, expected', [(0, 32), (48, 48)])
+def test_a_streamed_split_keeps_the_images_own_size_unless_told(image_size,
+                                                                 expected):
+  # CIFAR streamed on request: its 32x32, not a resize to ImageNet's 224.
+  c = small_config(in_memory='no', image_size=image_size)
+  with tfds.testing.mock_data(num_examples=8):
+    d = ip.get_datasets(c)
+  assert d.train is None and d.train_stream.image_size == expected
+  assert d.image_shape == (expected, expected, 3)
+  assert d.evals['test'].image_size == expected
