@@ -45,6 +45,7 @@ REQUIRED_FIELDS = NUMERICS + (
     'batch_size', 'num_train_steps', 'seed', 'learning_rate', 'lr_schedule',
     'lr_milestones', 'lr_milestone_fractions', 'lr_factor', 'plateau',
     'warmup_steps', 'warmup_lr', 'warmup', 'momentum', 'nesterov',
+    'ema_decay',
     'weight_decay', 'decay_bn_and_bias', 'eval_every_steps',
     'checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints',
     'tensorboard')
@@ -159,18 +160,25 @@ class Run:
           options = compiler.train_step_options()
         self._train_step = step_lib.make_train_step(
             self.task.loss_fn(self.step_model, self.data), self.tx,
-            self.schedule, frozen=self.frozen, compiler_options=options)
+            self.schedule, frozen=self.frozen, compiler_options=options,
+            ema_decay=float(self.config.ema_decay))
       return self._train_step(state, batch)
 
   def init_state(self):
-    state = state_lib.create(self._init_variables, self.tx, self.config.seed)
+    state = state_lib.create(self._init_variables, self.tx, self.config.seed,
+                             ema=self.has_ema)
     return sharding.replicate(state, self.mesh)
+
+  @property
+  def has_ema(self) -> bool:
+    """Whether the state carries a moving average (`config.ema_decay`)."""
+    return float(self.config.ema_decay) > 0
 
   def abstract_state(self):
     """Shapes, dtypes and shardings of the train state, nothing computed."""
     abstract = jax.eval_shape(
         lambda: state_lib.create(self._init_variables, self.tx,
-                                 self.config.seed))
+                                 self.config.seed, ema=self.has_ema))
     replicated = jax.sharding.NamedSharding(self.mesh,
                                             jax.sharding.PartitionSpec())
     return jax.tree.map(
@@ -185,6 +193,8 @@ class Run:
     print(message, flush=True)
     state = state.replace(params=params, batch_stats=batch_stats,
                           opt_state=self.tx.init(params))
+    if self.has_ema:  # the average starts at the loaded variables
+      state = state.replace(ema=state_lib.start_ema(params, batch_stats))
     return sharding.replicate(state, self.mesh)
 
   def meta(self, state) -> dict:
@@ -208,12 +218,18 @@ class Run:
       batch = jax.tree.map(lambda v: v[i * n:(i + 1) * n], batch)
     return sharding.shard_batch(batch, self.mesh)
 
-  def evaluate(self, state, split: str, final: bool = False) -> dict:
+  def evaluate(self, state, split: str, final: bool = False,
+               ema: bool = False) -> dict:
+    """The task's metrics on `split`; `ema`: of the moving average."""
     if split not in self.data.evals:
       raise ConfigError(f"split '{split}' is not held out in this run; "
                         f'choose one of {sorted(self.data.evals)}')
+    if ema and state_lib.average(state) is None:
+      raise ConfigError('this run keeps no moving average of its weights '
+                        '(ema_decay=0): leave out --ema')
+    variables = state_lib.average(state) if ema else state.variables
     with self.numerics():
-      return self.task.evaluate(self.model, state.variables, self.data,
+      return self.task.evaluate(self.model, variables, self.data,
                                 split, final=final, shard=self.shard)
 
 
@@ -323,7 +339,7 @@ def _check_picture(path: str) -> None:
 def evaluate_checkpoint(workdir: str, split: str = 'test',
                         checkpoint: str | int = 'latest',
                         picture: str | None = None,
-                        examples: int = 0) -> dict:
+                        examples: int = 0, ema: bool = False) -> dict:
   """Restores a run's checkpoint and evaluates it on one held-out split.
 
   Args:
@@ -336,6 +352,8 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
     picture: where to draw the checkpoint's predictions on test images (a
       PNG; localization and detection), or None.
     examples: > 0: only the first this many examples of the split.
+    ema: evaluate (and draw) the moving average of the weights instead
+      (a run with ema_decay > 0).
 
   Returns:
     The task's metrics, plus 'step' and 'task'.
@@ -363,10 +381,12 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
       raise ConfigError(f'--examples={examples} must be between 1 and the '
                         f'{len(held)} examples of {split}')
     run.data.evals = {**run.data.evals, split: held.take(slice(0, examples))}
-  result = run.evaluate(state, split, final=True)
+  result = run.evaluate(state, split, final=True, ema=ema)
   if picture:
     os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
-    run.task.picture(run.model, state.variables, run.data, picture)
+    run.task.picture(run.model,
+                     state_lib.average(state) if ema else state.variables,
+                     run.data, picture)
   result['step'] = step
   result['task'] = run.task.name
   result['eval_keys'] = run.task.eval_keys

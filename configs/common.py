@@ -6,7 +6,9 @@ They are read by the one training loop (`cnn/training/`) whatever the task:
   too), plateau.* (PyTorch
   ReduceLROnPlateau: monitor is a held-out split, 'val' or 'test'),
   warmup_steps / warmup_lr / warmup ('constant' | 'linear'), momentum,
-  nesterov, weight_decay, decay_bn_and_bias; init_from / freeze / new_head
+  nesterov, weight_decay, decay_bn_and_bias; ema_decay (d > 0: an
+  exponential moving average of the weights and BatchNorm statistics,
+  evaluated beside the model as split `SPLIT_ema`); init_from / freeze / new_head
   (transfer, applied when a run starts fresh); batch_size, num_train_steps,
   seed; eval / checkpoint / log cadence in steps, keep_checkpoints (the last
   N; the best by the task's held-out metric is kept too), tensorboard;
@@ -126,6 +128,7 @@ def add_training_fields(c: config_dict.ConfigDict, *, batch_size: int,
   c.nesterov = False
   c.weight_decay = weight_decay
   c.decay_bn_and_bias = decay_bn_and_bias
+  c.ema_decay = 0.0  # e.g. 0.999: also evaluate a moving average (test_ema)
 
   c.eval_every_steps = eval_every_steps
   c.checkpoint_every_steps = checkpoint_every_steps

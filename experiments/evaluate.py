@@ -28,6 +28,8 @@ _PICTURE = flags.DEFINE_string('picture', None,
                                'this PNG.')
 _EXAMPLES = flags.DEFINE_integer('examples', 0, 'Only the first N examples '
                                  'of the split (0: all).')
+_EMA = flags.DEFINE_bool('ema', False, 'Evaluate the moving average of the '
+                         'weights (a run with ema_decay > 0).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -37,12 +39,14 @@ def main(argv):
   from cnn import runs  # pylint: disable=g-import-not-at-top
   from cnn.training import metric_writers  # pylint: disable=g-import-not-at-top
   r = common.run(runs.evaluate_checkpoint, _WORKDIR.value, _SPLIT.value,
-                 _CHECKPOINT.value, _PICTURE.value, _EXAMPLES.value)
+                 _CHECKPOINT.value, _PICTURE.value, _EXAMPLES.value,
+                 _EMA.value)
   keys = tuple(r['eval_keys']) + tuple(
       k for k in ('loss', 'iou50', 'dense_error', 'dense_mean_iou',
                   'mean_box_mean_iou', 'network_seconds', 'proposal_seconds')
       if k not in r['eval_keys'])
-  print(f"step {r['step']} {_SPLIT.value} ({r['task']}, "
+  split = _SPLIT.value + ('_ema' if _EMA.value else '')
+  print(f"step {r['step']} {split} ({r['task']}, "
         f"{r['examples']:.0f} examples): {metric_writers.format_metrics(r, keys)}")
   if _PICTURE.value:
     print(f'picture: {_PICTURE.value}')

@@ -33,6 +33,7 @@ from cnn.training import optim
 from cnn.training import provenance
 from cnn.training import run_folder
 from cnn.training import sharding
+from cnn.training import state as state_lib
 
 
 def log_interval(log_every: int, eval_every: int, checkpoint_every: int) -> int:
@@ -320,10 +321,16 @@ class Trainer:
   def evaluate_all(self, final: bool) -> dict:
     t_eval = time.perf_counter()
     results = {}
+    # The moving average (config.ema_decay) is a model of its own: SPLIT_ema.
+    averages = ((False, True) if state_lib.average(self.state) is not None
+                else (False,))
     for split in self.run.data.evals:
-      results[split] = self.run.evaluate(self.state, split, final=final)
-      self.writer.write(self.s, split, **_logged(results[split]),
-                        **self.clock.fields())
+      for ema in averages:
+        name = f'{split}_ema' if ema else split
+        results[name] = self.run.evaluate(self.state, split, final=final,
+                                          ema=ema)
+        self.writer.write(self.s, name, **_logged(results[name]),
+                          **self.clock.fields())
     keys = self.run.task.eval_keys
     print('  eval ' + ' | '.join(
         f'{split} {metric_writers.format_metrics(r, keys)}'

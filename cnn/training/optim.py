@@ -189,6 +189,9 @@ def validate(config) -> None:
     raise ConfigError(f'momentum={config.momentum} must be in [0, 1)')
   if config.weight_decay < 0:
     raise ConfigError(f'weight_decay={config.weight_decay} must be >= 0')
+  if not 0 <= config.ema_decay < 1:
+    raise ConfigError(f'ema_decay={config.ema_decay} must be in [0, 1) '
+                      '(0: no moving average; e.g. 0.999)')
   fractions = tuple(config.lr_milestone_fractions or ())
   milestones = tuple(config.lr_milestones or ())
   if not all(_is_number(m) and float(m).is_integer() and m >= 0

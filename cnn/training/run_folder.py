@@ -60,6 +60,7 @@ RECORD_DEFAULTS = {
         'xla_cpu_fusion': 'auto',
         'lr_milestones': [], 'lr_milestone_fractions': [], 'warmup_steps': 0,
         'warmup': 'constant', 'nesterov': False, 'decay_bn_and_bias': True,
+        'ema_decay': 0.0,
         'log_every_steps': 100, 'keep_checkpoints': 2,
         'init_from': '', 'freeze': '', 'new_head': False,
     },

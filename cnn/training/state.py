@@ -36,7 +36,22 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def create(init_variables, tx, seed: int) -> TrainState:
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """A TrainState that also carries `ema`: the exponential moving average
+  of the model's variables ({'params', 'batch_stats'}, `config.ema_decay`),
+  evaluated as a model of its own; it starts at the initial variables. A
+  class of its own, so the checkpoints of runs without an average keep the
+  structure they always had."""
+  ema: Any
+
+
+def average(state) -> dict | None:
+  """The state's moving average of the variables, or None."""
+  return getattr(state, 'ema', None)
+
+
+def create(init_variables, tx, seed: int, ema: bool = False) -> TrainState:
   """A fresh state: `init_variables(key)` -> {'params', ...} (He init in the
   models), the optimizer state, and the per-step key.
 
@@ -46,10 +61,19 @@ def create(init_variables, tx, seed: int) -> TrainState:
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
   variables = init_variables(init_rng)
   params = variables['params']
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get('batch_stats', {}),
-      opt_state=tx.init(params),
-      plateau=optim.PlateauState.create(),
-      rng=state_rng)
+  batch_stats = variables.get('batch_stats', {})
+  fields = dict(step=jnp.zeros((), jnp.int32),
+                params=params,
+                batch_stats=batch_stats,
+                opt_state=tx.init(params),
+                plateau=optim.PlateauState.create(),
+                rng=state_rng)
+  if ema:
+    return EmaTrainState(**fields, ema=start_ema(params, batch_stats))
+  return TrainState(**fields)
+
+
+def start_ema(params, batch_stats) -> dict:
+  """The moving average's start: a copy of the variables."""
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  return {'params': copy(params), 'batch_stats': copy(batch_stats)}

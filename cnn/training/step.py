@@ -22,7 +22,8 @@ from cnn.training.state import TrainState
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: Callable, *, frozen=None,
-                    compiler_options: dict | None = None) -> Callable:
+                    compiler_options: dict | None = None,
+                    ema_decay: float = 0.0) -> Callable:
   """Builds the jitted train step of a task.
 
   Args:
@@ -36,6 +37,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       bit-identical (transfer learning with frozen layers).
     compiler_options: XLA options (None: XLA's defaults); a run passes its
       numerics' (`cnn.ops.compiler.train_step_options`).
+    ema_decay: d > 0: after the update, `state.ema` <- d * ema + (1 - d) *
+      the new variables (params and batch_stats); 0: `state.ema` is None.
 
   Returns:
     `(state, batch) -> (state, metrics)`, metrics = {'loss', the task's
@@ -59,6 +62,12 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       model_state = keep(frozen[1], state.batch_stats, model_state)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=model_state, opt_state=opt_state)
+    if ema_decay:
+      d = ema_decay
+      average = lambda e, v: (d * e + (1.0 - d) * v if jnp.issubdtype(
+          v.dtype, jnp.inexact) else v)  # counters are copied
+      new_state = new_state.replace(ema=jax.tree.map(
+          average, state.ema, {'params': params, 'batch_stats': model_state}))
     return new_state, {'loss': loss, **metrics,
                        'learning_rate': jnp.asarray(lr, jnp.float32)}
 
