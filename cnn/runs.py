@@ -218,16 +218,23 @@ class Run:
       batch = jax.tree.map(lambda v: v[i * n:(i + 1) * n], batch)
     return sharding.shard_batch(batch, self.mesh)
 
+  @staticmethod
+  def variables(state, ema: bool = False) -> dict:
+    """The model's variables in `state`; `ema`: their moving average."""
+    if not ema:
+      return state.variables
+    if state_lib.average(state) is None:
+      raise ConfigError('this run keeps no moving average of its weights '
+                        '(ema_decay=0): leave out --ema')
+    return state_lib.average(state)
+
   def evaluate(self, state, split: str, final: bool = False,
                ema: bool = False) -> dict:
     """The task's metrics on `split`; `ema`: of the moving average."""
     if split not in self.data.evals:
       raise ConfigError(f"split '{split}' is not held out in this run; "
                         f'choose one of {sorted(self.data.evals)}')
-    if ema and state_lib.average(state) is None:
-      raise ConfigError('this run keeps no moving average of its weights '
-                        '(ema_decay=0): leave out --ema')
-    variables = state_lib.average(state) if ema else state.variables
+    variables = self.variables(state, ema)
     with self.numerics():
       return self.task.evaluate(self.model, variables, self.data,
                                 split, final=final, shard=self.shard)
@@ -384,9 +391,7 @@ def evaluate_checkpoint(workdir: str, split: str = 'test',
   result = run.evaluate(state, split, final=True, ema=ema)
   if picture:
     os.makedirs(os.path.dirname(os.path.abspath(picture)), exist_ok=True)
-    run.task.picture(run.model,
-                     state_lib.average(state) if ema else state.variables,
-                     run.data, picture)
+    run.task.picture(run.model, Run.variables(state, ema), run.data, picture)
   result['step'] = step
   result['task'] = run.task.name
   result['eval_keys'] = run.task.eval_keys
